@@ -1,0 +1,5 @@
+import sys
+
+from everlearn.daemon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+"""The one typed configuration of a run: YAML file, then ``EVERLEARN_...`` environment, then ``--set``.
+
+Each layer's section models live beside the code they configure; this module
+composes them. Environment overrides name a field path with ``__`` between
+levels, e.g. ``EVERLEARN_SERVE__PORT=8001`` or ``EVERLEARN_RUN_DIR=/data/run``;
+values are read as YAML scalars. Every error is reported at once, each with its
+field path.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from everlearn.buffers import BufferConfig
+from everlearn.daemon.holdout import HoldoutConfig
+from everlearn.deploy import GateConfig, ServeConfig
+from everlearn.errors import ConfigError
+from everlearn.learners import ModelConfig, ScheduleConfig, TrainConfig
+
+ENV_PREFIX = "EVERLEARN_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RayConfig(_Section):
+    """Where the Ray actors run."""
+
+    address: str | None = Field(None, description="Ray cluster address (e.g. `ray://head:10001` or `auto`). Empty: start a local Ray in this process.")
+    num_cpus: int = Field(2, ge=1, description="CPUs a local Ray may use.")  # this machine's 2 cores
+    object_store_memory_mb: int = Field(512, ge=78, description="Object store of a local Ray, MiB.")  # batches are KiB; 512 MiB leaves the 24 GiB for models
+    include_dashboard: bool = Field(False, description="Start Ray's dashboard with a local Ray (+~250 MiB).")
+
+
+class SourceConfig(_Section):
+    """The document stream."""
+
+    url: str = Field("runs/stream", description="Directory of *.jsonl / *.txt files to follow: a path, file://, s3:// or memory:// URL.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for the URL (e.g. s3 key, secret, endpoint_url).")
+    default_domain: str = Field("default", min_length=1, description="Domain of documents that name none and lie directly in the directory (in a subdirectory, its name is the domain).")
+    max_doc_bytes: int = Field(1_000_000, ge=1, description="Larger records are dead-lettered as too_large.")  # 1 MB ~ 250 sequences of 4 KiB
+    max_records_per_poll: int = Field(64, ge=1, description="Records read per poll; with max_doc_bytes it bounds the tokens waiting to be trained.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How long to wait for new records when the stream is idle.")
+
+
+class CheckpointConfig(_Section):
+    """Where and how often the run is checkpointed."""
+
+    url: str | None = Field(None, description="Checkpoint store (any fsspec URL). Empty: `<run_dir>/checkpoints`.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for the checkpoint URL.")
+    every_steps: int = Field(100, ge=1, description="Checkpoint every this many steps (also before every gate judgement and at stop).")
+    keep_last: int = Field(3, ge=1, description="Committed checkpoints kept besides the served one; older ones are swept.")
+
+
+class MetricsConfig(_Section):
+    """Prometheus exposition and the status endpoint."""
+
+    host: str = Field("127.0.0.1", description="Address of the /metrics and /status HTTP server; 0.0.0.0 inside a pod.")
+    port: int = Field(9400, ge=0, le=65535, description="Port of /metrics and /status (`everlearn status` reads it). 0 picks a free port.")
+
+
+class DemoConfig(_Section):
+    """The demo stream `make run` seeds on a new machine."""
+
+    seed_if_empty: bool = Field(True, description="When the stream directory is empty or missing, fill it with two domains of text found on this machine (man pages, then Python sources).")
+    bytes_per_domain: int = Field(400_000, ge=10_000, description="Text per demo domain.")  # ~200 steps of the default model: a few minutes per domain on 2 cores
+
+
+class LogConfig(_Section):
+    """What the run prints and records."""
+
+    interval_s: float = Field(5.0, gt=0, description="Seconds between structured progress lines when the output is not a terminal.")
+    lineage: bool = Field(True, description="Record in <run_dir>/lineage.jsonl which token ranges of which documents each step trained on.")
+
+
+class Config(_Section):
+    """A complete everlearn run."""
+
+    run_dir: str = Field("runs/local", description="Local directory of the run: checkpoints (by default), audit log, dead letters, lineage.")
+    ray: RayConfig = Field(default_factory=RayConfig, description=RayConfig.__doc__)
+    source: SourceConfig = Field(default_factory=SourceConfig, description=SourceConfig.__doc__)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description=ScheduleConfig.__doc__)
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description=BufferConfig.__doc__)
+    holdout: HoldoutConfig = Field(default_factory=HoldoutConfig, description=HoldoutConfig.__doc__)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description=CheckpointConfig.__doc__)
+    gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description=MetricsConfig.__doc__)
+    demo: DemoConfig = Field(default_factory=DemoConfig, description=DemoConfig.__doc__)
+    log: LogConfig = Field(default_factory=LogConfig, description=LogConfig.__doc__)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.model.name_or_path is None and self.model.max_position_embeddings < self.train.seq_len:
+            raise ValueError(f"model.max_position_embeddings ({self.model.max_position_embeddings}) must be >= train.seq_len ({self.train.seq_len})")
+        if self.metrics.port and self.metrics.port == self.serve.port and self.metrics.host == self.serve.host:
+            raise ValueError(f"metrics.port and serve.port are both {self.serve.port}; give them different ports")
+        return self
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.url or str(Path(self.run_dir) / "checkpoints")
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _format(err: ValidationError, origin: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        src = origin.get(path, "")
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        hint = " — remove it or check its spelling; `everlearn validate --help` lists the fields" if e["type"] == "extra_forbidden" else ""
+        lines.append(f"  {path}: {e['msg']}{got}{hint}{src}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from ``path`` (the embedded default when None), the environment, then ``key.path=value`` overrides."""
+    env = os.environ if env is None else env
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to -c, or leave -c out to use the embedded default")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for key, value in sorted(env.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        fields = [f.lower() for f in key[len(ENV_PREFIX) :].split("__")]
+        _set_path(data, fields, _scalar(value))
+        origin[".".join(fields)] = f" [from environment {key}]"
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"  --set {item!r}: expected key.path=value")
+            continue
+        key, value = item.split("=", 1)
+        _set_path(data, key.strip().split("."), _scalar(value))
+        origin[key.strip()] = f" [from --set {item}]"
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        problems.append(_format(e, origin))
+        cfg = None
+    if problems:
+        where = f" in {path}" if path else ""
+        count = sum(len(p.splitlines()) for p in problems)
+        raise ConfigError(f"invalid configuration{where} ({count} problem{'s' if count > 1 else ''}):\n" + "\n".join(problems))
+    return cfg

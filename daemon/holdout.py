@@ -1,0 +1,81 @@
+"""Held-out evaluation windows: documents no model trains on, for the gates.
+
+A document is held out when ``sha256(id)`` falls below ``fraction`` (stable
+across restarts and replicas). Its tokens, cut into windows of ``seq_len``,
+enter the *fresh* window (the newest ``fresh_capacity`` windows); windows that
+age out of it enter the *old* reservoir, a uniform sample of everything older.
+"""
+
+import hashlib
+from collections import deque
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from everlearn.buffers import ReservoirBuffer
+from everlearn.deploy import Evidence
+
+
+class HoldoutConfig(BaseModel):
+    """Which documents are held out of training to judge candidates, and how many are kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.05, ge=0, lt=1, description="Share of documents (by hash of their id) held out of training for the gates.")  # 5 %: enough evidence, little data lost to training
+    fresh_capacity: int = Field(64, ge=1, description="Newest held-out sequences that form the fresh window.")
+    old_capacity: int = Field(256, ge=1, description="Held-out sequences kept (uniformly) once they age out of the fresh window.")
+    max_sequences_per_doc: int = Field(4, ge=1, description="A long held-out document contributes at most this many sequences.")  # keeps one document from filling the window
+    seed: int = Field(0, description="Seed of the old reservoir.")
+
+
+def held_out(doc_id: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+class HoldoutWindows:
+    def __init__(self, cfg: HoldoutConfig, seq_len: int):
+        self.cfg = cfg
+        self.seq_len = seq_len
+        self.fresh: deque[tuple[np.ndarray, str]] = deque()
+        self.old = ReservoirBuffer(cfg.old_capacity, seq_len, seed=cfg.seed)
+
+    def is_held_out(self, doc_id: str) -> bool:
+        return held_out(doc_id, self.cfg.fraction)
+
+    def add(self, tokens: np.ndarray, domain: str) -> None:
+        for i in range(0, min(len(tokens), self.seq_len * self.cfg.max_sequences_per_doc), self.seq_len):
+            window = tokens[i : i + self.seq_len]
+            if len(window) < 2:
+                continue  # nothing to predict
+            self.fresh.append((np.asarray(window, dtype=np.int32), domain))
+            while len(self.fresh) > self.cfg.fresh_capacity:
+                seq, dom = self.fresh.popleft()
+                self.old.add_many([seq], [dom])
+
+    def evidence(self, max_sequences: int) -> Evidence:
+        fresh = list(self.fresh)[-max_sequences:]
+        ft, fl = self._pad([s for s, _ in fresh])
+        n_old = min(len(self.old), max_sequences)
+        old = self.old.items()[:n_old]
+        ot, ol = self._pad(old)
+        return Evidence(ft, fl, ot, ol)
+
+    def _pad(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.zeros((len(seqs), self.seq_len), dtype=np.int32)
+        lengths = np.zeros(len(seqs), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = s
+            lengths[i] = len(s)
+        return tokens, lengths
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fresh": [{"tokens": s.tolist(), "domain": d} for s, d in self.fresh],
+            "old": self.old.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fresh = deque((np.asarray(x["tokens"], dtype=np.int32), x["domain"]) for x in state["fresh"])
+        self.old.load_state_dict(state["old"])

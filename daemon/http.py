@@ -1,0 +1,52 @@
+"""The daemon's own HTTP endpoint: ``/metrics`` (Prometheus), ``/status`` (JSON), ``/healthz``."""
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class StatusServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]]):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0].rstrip("/")
+                if path == "/metrics":
+                    self._send(200, generate_latest(outer.registry), CONTENT_TYPE_LATEST)
+                elif path == "/status":
+                    self._send(200, json.dumps(outer.status(), default=str).encode(), "application/json")
+                elif path == "/healthz":
+                    self._send(200, b'{"ok": true}', "application/json")
+                else:
+                    self._send(404, b'{"error": "try /metrics, /status or /healthz"}', "application/json")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes every few seconds: keep the console clean
+                pass
+
+        self.registry = registry
+        self.status = status
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="everlearn-status", daemon=True)
+
+    def start(self) -> "StatusServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

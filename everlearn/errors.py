@@ -1,0 +1,40 @@
+"""Every error everlearn raises on purpose. Messages say what was wrong and how to fix it.
+
+    EverlearnError
+    ├── ConfigError              config file, environment override or flag is invalid
+    ├── ModelLoadError           model or tokenizer cannot be built or loaded
+    ├── SourceError              a stream source cannot be read (bad URL, unreachable)
+    ├── CheckpointError          checkpoint missing or incomplete
+    │   └── CheckpointCorruptError   a file's sha256 or size differs from the manifest
+    └── ServingError             the serving deployment cannot start or swap
+
+This module depends on nothing, so every layer may raise these.
+"""
+
+
+class EverlearnError(Exception):
+    """Base of every error everlearn raises on purpose."""
+
+
+class ConfigError(EverlearnError):
+    """The configuration is invalid; the message lists every problem with its field path."""
+
+
+class ModelLoadError(EverlearnError):
+    """The model or tokenizer could not be built or loaded from the config."""
+
+
+class SourceError(EverlearnError):
+    """A stream source cannot be read."""
+
+
+class CheckpointError(EverlearnError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file's sha256 or size differs from its manifest; it is never loaded."""
+
+
+class ServingError(EverlearnError):
+    """The serving deployment could not start, answer or swap versions."""

@@ -1,0 +1,122 @@
+"""Assembling training batches: pack fresh documents into windows, mix in replay.
+
+Documents are concatenated, each followed by EOS, and cut into windows of
+``seq_len`` tokens. The packer remembers which token range of which document
+every window holds (its lineage), and its untrained remainder is part of the
+checkpoint, so a restart trains every token exactly once.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from everlearn.buffers import ReplayBuffer
+
+
+@dataclass
+class _Segment:
+    doc_id: str
+    domain: str
+    tokens: np.ndarray  # the document's untrained tokens (EOS included at the end)
+    start: int  # offset of tokens[0] in the whole document
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens ``[start, end)`` of document ``doc_id`` (EOS counts as its last token)."""
+
+    doc_id: str
+    start: int
+    end: int
+
+
+class TokenPacker:
+    """FIFO of documents' tokens, cut into fixed-length windows."""
+
+    def __init__(self, seq_len: int, eos_id: int):
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+        self._segments: deque[_Segment] = deque()
+        self._pending = 0
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._pending
+
+    def windows_ready(self) -> int:
+        return self._pending // self.seq_len
+
+    def add(self, doc_id: str, domain: str, tokens: np.ndarray) -> None:
+        seg = np.concatenate([np.asarray(tokens, dtype=np.int32), np.array([self.eos_id], dtype=np.int32)])
+        self._segments.append(_Segment(doc_id, domain, seg, 0))
+        self._pending += len(seg)
+
+    def take(self, n: int) -> tuple[np.ndarray, list[list[Span]], list[str]]:
+        """``n`` full windows, their lineage, and the domain each window starts in."""
+        if n > self.windows_ready():
+            raise ValueError(f"asked for {n} windows, {self.windows_ready()} ready")
+        out = np.empty((n, self.seq_len), dtype=np.int32)
+        lineage: list[list[Span]] = []
+        domains: list[str] = []
+        for w in range(n):
+            filled, spans = 0, []
+            domains.append(self._segments[0].domain)
+            while filled < self.seq_len:
+                seg = self._segments[0]
+                k = min(self.seq_len - filled, len(seg.tokens))
+                out[w, filled : filled + k] = seg.tokens[:k]
+                spans.append(Span(seg.doc_id, seg.start, seg.start + k))
+                filled += k
+                if k == len(seg.tokens):
+                    self._segments.popleft()
+                else:
+                    seg.tokens = seg.tokens[k:]
+                    seg.start += k
+            lineage.append(spans)
+        self._pending -= n * self.seq_len
+        return out, lineage, domains
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "segments": [
+                {"id": s.doc_id, "domain": s.domain, "start": s.start, "tokens": s.tokens.tolist()} for s in self._segments
+            ]
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._segments = deque(
+            _Segment(s["id"], s["domain"], np.asarray(s["tokens"], dtype=np.int32), int(s["start"])) for s in state["segments"]
+        )
+        self._pending = sum(len(s.tokens) for s in self._segments)
+
+
+class ReplayMixer:
+    """Each batch is ``(1 - r)`` fresh windows and ``r`` windows sampled from the replay buffer."""
+
+    def __init__(self, buffer: ReplayBuffer, fraction: float, batch_size: int):
+        self.buffer = buffer
+        self.fraction = fraction
+        self.batch_size = batch_size
+
+    def n_replay(self) -> int:
+        if len(self.buffer) == 0 or self.fraction == 0:
+            return 0
+        return min(self.batch_size - 1, max(1, round(self.fraction * self.batch_size)))
+
+    def n_fresh(self) -> int:
+        return self.batch_size - self.n_replay()
+
+    def mix(self, fresh: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(tokens, lengths, number of replayed rows) of one batch; replayed rows come last."""
+        n_replay = self.batch_size - len(fresh)
+        lengths = np.full(len(fresh), fresh.shape[1], dtype=np.int32)
+        if n_replay <= 0:
+            return fresh, lengths, 0
+        replay, replay_lengths = self.buffer.sample_with_lengths(n_replay)
+        return np.concatenate([fresh, replay]), np.concatenate([lengths, replay_lengths]), n_replay
+
+    def remember(self, fresh: np.ndarray, domains: list[str]) -> None:
+        """Fresh windows enter the reservoir after they are trained on."""
+        self.buffer.add_many(list(fresh), domains)

@@ -1,0 +1,21 @@
+"""Configuration of the training loop."""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """The optimizer and the shape of a training batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence; documents are packed end to end into sequences of this length.")
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step (fresh + replayed).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")  # the usual LLM pre-training value
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")  # 0.95 over 0.999: steadier under shifting data
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    torch_threads: int = Field(2, ge=1, description="Intra-op threads of the learner's torch.")  # = cores of this 2-core machine
+    num_cpus: float = Field(1.0, ge=0, description="CPUs the learner actor reserves in Ray.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the learner actor reserves in Ray; > 0 trains on CUDA.")
+    eval_batch_size: int = Field(16, ge=1, description="Sequences per forward pass when the gates evaluate losses.")
+    seed: int = Field(0, description="Seed of torch in the learner (dropout, if any).")

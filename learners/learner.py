@@ -1,0 +1,161 @@
+"""The learner: one model, AdamW and the infinite schedule; run as a Ray actor by the daemon.
+
+Plain class, so unit tests drive it in-process; the daemon wraps it with
+``ray.remote``. It writes its own checkpoint files (weights, optimizer, step)
+into the store and returns their digests; the daemon commits the manifest.
+"""
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
+from everlearn.learners.config import TrainConfig
+from everlearn.learners.model import ModelConfig, build_model, build_tokenizer
+from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig
+
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+LEARNER_STATE = "learner.json"
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # optimizer steps taken so far, this one included
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int  # tokens that carried a loss
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return safetensors.torch.save(tensors)
+
+
+def load_weights(model: torch.nn.Module, store: CheckpointStore, ref: CheckpointRef) -> None:
+    """Load verified safetensors weights from ``ref`` into ``model`` (strict)."""
+    device = next(model.parameters()).device
+    state = safetensors.torch.load(store.read(ref, WEIGHTS))
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+
+
+def _inputs(tokens: np.ndarray, lengths: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(device)
+    positions = torch.arange(ids.shape[1], device=device)[None, :]
+    mask = positions < torch.from_numpy(np.asarray(lengths, dtype=np.int64)).to(device)[:, None]
+    return ids, mask
+
+
+def token_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray, batch_size: int = 16) -> tuple[float, int]:
+    """(sum of next-token losses, number of predicted tokens) over the sequences, without gradients."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(tokens), batch_size):
+                ids, mask = _inputs(tokens[i : i + batch_size], lengths[i : i + batch_size], device)
+                logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+                targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int(mask[:, 1:].sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+class Learner:
+    """Trains one causal LM on packed batches; evaluates it and other checkpoints."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, schedule_cfg: ScheduleConfig, store_url: str, storage_options: dict | None = None):
+        torch.set_num_threads(train_cfg.torch_threads)
+        torch.manual_seed(train_cfg.seed)
+        self.model_cfg, self.train_cfg = model_cfg, train_cfg
+        self.device = torch.device("cuda" if train_cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.tokenizer = build_tokenizer(model_cfg)
+        self.model = build_model(model_cfg, self.tokenizer).to(self.device)
+        self.model.train()
+        self.schedule = InfiniteSchedule(schedule_cfg)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.schedule(0), betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay
+        )
+        self.step = 0
+        self.store = CheckpointStore(store_url, storage_options)
+        self._eval_model: tuple[str, torch.nn.Module] | None = None  # (manifest sha256, model) of the last checkpoint evaluated
+
+    def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> StepStats:
+        t0 = time.perf_counter()
+        if lengths is None:
+            lengths = np.full(len(tokens), tokens.shape[1], dtype=np.int32)
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ids, mask = _inputs(tokens, lengths, self.device)
+        labels = ids.masked_fill(~mask, -100)
+        loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {self.step}; lower schedule.peak_lr or check the data")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepStats(
+            step=self.step, loss=float(loss), lr=lr, grad_norm=float(grad_norm),
+            tokens=int(mask[:, 1:].sum()), seconds=time.perf_counter() - t0,
+        )
+
+    def evaluate(self, tokens: np.ndarray, lengths: np.ndarray, ref: CheckpointRef | None = None) -> float:
+        """Mean next-token loss (nats) over the sequences, of the live model or of checkpoint ``ref``."""
+        if len(tokens) == 0:
+            return float("nan")
+        model = self.model if ref is None else self._checkpoint_model(ref)
+        total, count = token_losses(model, tokens, lengths, self.train_cfg.eval_batch_size)
+        return total / max(count, 1)
+
+    def _checkpoint_model(self, ref: CheckpointRef) -> torch.nn.Module:
+        if self._eval_model is None or self._eval_model[0] != ref.manifest_sha256:
+            model = build_model(self.model_cfg, self.tokenizer).to(self.device)
+            load_weights(model, self.store, ref)
+            self._eval_model = (ref.manifest_sha256, model)
+        return self._eval_model[1]
+
+    # -- checkpointing -------------------------------------------------------
+    def save(self, step: int) -> dict[str, FileEntry]:
+        """Write weights, optimizer and learner state into the checkpoint for ``step``."""
+        buf = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buf)
+        state = {"step": self.step, "schedule": self.schedule.state_dict()}
+        return {
+            WEIGHTS: self.store.put(step, WEIGHTS, weights_bytes(self.model)),
+            OPTIMIZER: self.store.put(step, OPTIMIZER, buf.getvalue()),
+            LEARNER_STATE: self.store.put(step, LEARNER_STATE, json.dumps(state).encode()),
+        }
+
+    def load(self, ref: CheckpointRef) -> int:
+        """Restore weights, optimizer and step from a verified checkpoint; returns the step."""
+        load_weights(self.model, self.store, ref)
+        opt_state = torch.load(io.BytesIO(self.store.read(ref, OPTIMIZER)), weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(opt_state)
+        state = json.loads(self.store.read(ref, LEARNER_STATE))
+        self.step = int(state["step"])
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        return self.step
+
+    def ping(self) -> int:
+        return self.step
