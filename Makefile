@@ -19,7 +19,7 @@ run: install
 	$(BIN)/everlearn run $(ARGS)
 
 test: install
-	bash tests/services.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest -m unit -q
