@@ -120,10 +120,12 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _scalar(text: str) -> Any:
+    """An override's value: null, a YAML mapping or list, else the text (pydantic converts it to the field's type)."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+    return value if value is None or isinstance(value, dict | list) else text
 
 
 def _format(err: ValidationError, origin: dict[str, str]) -> str:

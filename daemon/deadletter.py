@@ -32,8 +32,11 @@ class DeadLetterSink:
             head = data[: self.keep_bytes]
             try:
                 raw, encoding = head.decode("utf-8"), "utf-8"
-            except UnicodeDecodeError:
-                raw, encoding = base64.b64encode(head).decode("ascii"), "base64"
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and len(data) > self.keep_bytes:
+                    raw, encoding = head[: e.start].decode("utf-8", "replace"), "utf-8"  # cut inside a character
+                else:
+                    raw, encoding = base64.b64encode(head).decode("ascii"), "base64"
             lines.append(json.dumps({
                 "ts": self.clock(),
                 "reason": r.reason,

@@ -17,7 +17,7 @@ def status_line(s: dict[str, Any]) -> str:
         f"loss {loss:>6}",
         f"lr {lr:>8}",
         f"buffer {buf.get('size', 0)}/{buf.get('capacity', 0)}",
-        f"serving v{s.get('served_version', '-')}",
+        f"serving v{'-' if s.get('served_version') is None else s['served_version']}",
         f"gate {gate.get('verdict', '-')}@{gate.get('step', '-')}",
         str(s.get("state", "")),
     ])
@@ -34,6 +34,16 @@ class Progress:
         self._last = -float("inf")
         self._width = 0
 
+    def _write(self, text: str) -> None:
+        """Write and flush; a closed output (a pipe whose reader quit) silences progress, never the run."""
+        if self.out is None:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self.out = None
+
     def update(self, status: dict[str, Any], force: bool = False) -> None:
         now = self.clock()
         if not force and now - self._last < self.interval_s:
@@ -42,26 +52,23 @@ class Progress:
         if self.tty:
             line = status_line(status)
             pad = max(0, self._width - len(line))
-            self.out.write("\r" + line + " " * pad)
+            self._write("\r" + line + " " * pad)
             self._width = len(line)
         else:
-            self.out.write(json.dumps({"event": "progress", **_compact(status)}, default=str) + "\n")
-        self.out.flush()
+            self._write(json.dumps({"event": "progress", **_compact(status)}, default=str) + "\n")
 
     def event(self, name: str, **fields: Any) -> None:
         """A one-off event (promotion, rejection, checkpoint, resume): its own line."""
         if self.tty:
             msg = " ".join(f"{k}={v}" for k, v in fields.items())
-            self.out.write("\r" + " " * self._width + "\r" + f"[{time.strftime('%H:%M:%S')}] {name}: {msg}\n")
+            self._write("\r" + " " * self._width + "\r" + f"[{time.strftime('%H:%M:%S')}] {name}: {msg}\n")
             self._width = 0
         else:
-            self.out.write(json.dumps({"event": name, "ts": time.time(), **fields}, default=str) + "\n")
-        self.out.flush()
+            self._write(json.dumps({"event": name, "ts": time.time(), **fields}, default=str) + "\n")
 
     def close(self) -> None:
         if self.tty and self._width:
-            self.out.write("\n")
-            self.out.flush()
+            self._write("\n")
 
 
 def _compact(s: dict[str, Any]) -> dict[str, Any]:

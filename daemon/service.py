@@ -270,8 +270,11 @@ class Daemon:
         m.pending_tokens.set(self.packer.pending_tokens)
         if self.cfg.log.lineage:
             spans = [[s.doc_id, s.start, s.end] for window in lineage for s in window]
-            with open(self.lineage_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": stats.step, "replayed": n_replay, "spans": spans}) + "\n")
+            self._append_lineage({"step": stats.step, "replayed": n_replay, "spans": spans})
+
+    def _append_lineage(self, record: dict[str, Any]) -> None:
+        with open(self.lineage_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
     # -- checkpoints -----------------------------------------------------------
     def _checkpoint(self, force: bool = False) -> CheckpointRef:
@@ -318,6 +321,8 @@ class Daemon:
         self.counters.update(state.get("counters", {}))
         self.served = self._read_served() or state["served"]
         self.last_checkpoint = self.resumed_from = ref
+        if self.cfg.log.lineage:  # steps after this one, if any, were lost with the process that took them
+            self._append_lineage({"resumed_from_step": self.step})
         self.progress.event("resumed", step=self.step, checkpoint=ref.uri, buffer=len(self.buffer),
                             buffer_sha256=buffer_digest(self.buffer), served_version=self.served.get("version"))
 

@@ -102,9 +102,15 @@ class CheckpointStore:
         if self.fs.exists(manifest_path):
             raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable")
         for fname, entry in files.items():
-            size = self.fs.size(self._path(name, fname))
-            if size != entry.size:
-                raise CheckpointCorruptError(f"{self.uri(name)}/{fname}: {size} bytes on storage, {entry.size} written")
+            try:
+                got = digest(self.fs.cat_file(self._path(name, fname)))
+            except FileNotFoundError as e:
+                raise CheckpointCorruptError(f"{self.uri(name)}/{fname} was written but is missing on storage") from e
+            if got != entry:
+                raise CheckpointCorruptError(
+                    f"{self.uri(name)}/{fname}: sha256 {got.sha256} size {got.size} on storage, "
+                    f"sha256 {entry.sha256} size {entry.size} written; not committing this checkpoint"
+                )
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -133,8 +139,11 @@ class CheckpointStore:
 
     def ref(self, name: str) -> CheckpointRef:
         data = self._manifest_bytes(name)
-        manifest = json.loads(data)
-        return CheckpointRef(uri=self.uri(name), name=name, step=int(manifest["step"]), manifest_sha256=digest(data).sha256)
+        try:
+            step = int(json.loads(data)["step"])
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointCorruptError(f"manifest of {self.uri(name)} is unreadable: {e}") from e
+        return CheckpointRef(uri=self.uri(name), name=name, step=step, manifest_sha256=digest(data).sha256)
 
     def manifest(self, ref: CheckpointRef) -> dict[str, Any]:
         data = self._manifest_bytes(ref.name)
@@ -168,7 +177,8 @@ class CheckpointStore:
         refs = []
         for name in self._step_dirs():
             if self.fs.exists(self._path(name, MANIFEST)):
-                refs.append(self.ref(name))
+                with contextlib.suppress(CheckpointCorruptError):
+                    refs.append(self.ref(name))
         return sorted(refs, key=lambda r: r.step)
 
     def _step_dirs(self) -> list[str]:

@@ -7,6 +7,7 @@ into the store and returns their digests; the daemon commits the manifest.
 
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -107,16 +108,17 @@ class Learner:
         ids, mask = _inputs(tokens, lengths, self.device)
         labels = ids.masked_fill(~mask, -100)
         loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
-        if not torch.isfinite(loss):
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {self.step}; lower schedule.peak_lr or check the data")
+            raise FloatingPointError(f"non-finite training loss {loss_value} at step {self.step}; lower schedule.peak_lr or check the data")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return StepStats(
-            step=self.step, loss=float(loss), lr=lr, grad_norm=float(grad_norm),
+            step=self.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
             tokens=int(mask[:, 1:].sum()), seconds=time.perf_counter() - t0,
         )
 

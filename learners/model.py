@@ -64,7 +64,7 @@ def build_tokenizer(cfg: ModelConfig) -> Tokenizer:
 
 
 def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> PreTrainedModel:
-    """The causal LM in float32 on the CPU, in train mode."""
+    """The causal LM in float32 on the CPU (callers choose train or eval mode)."""
     if cfg.name_or_path:
         path = Path(cfg.name_or_path)
         if not (path / "config.json").exists():

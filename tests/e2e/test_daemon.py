@@ -47,10 +47,21 @@ def _checkpoint_state(store: CheckpointStore, ref, seq_len: int, capacity: int):
     return state, buf
 
 
-def _trained_spans(lineage: Path) -> tuple[list[int], dict[str, list[tuple[int, int]]]]:
-    steps, spans = [], {}
-    for line in lineage.read_text().splitlines():
+def _lineage(path: Path) -> list[dict]:
+    """Lineage records of the steps the model kept: a resume marker drops the steps after it."""
+    records: list[dict] = []
+    for line in path.read_text().splitlines():
         rec = json.loads(line)
+        if "resumed_from_step" in rec:
+            records = [r for r in records if r["step"] <= rec["resumed_from_step"]]
+        else:
+            records.append(rec)
+    return records
+
+
+def _trained_spans(path: Path) -> tuple[list[int], dict[str, list[tuple[int, int]]]]:
+    steps, spans = [], {}
+    for rec in _lineage(path):
         steps.append(rec["step"])
         for doc_id, start, end in rec["spans"]:
             spans.setdefault(doc_id, []).append((start, end))
@@ -165,7 +176,7 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
         expected_end = pending.get(doc_id, n_tokens)
         assert pos == expected_end, f"{doc_id}: trained up to {pos}, pending from {pending.get(doc_id)}, {n_tokens} tokens"
     # the restarted run's first trained tokens are exactly the first tokens pending at the stop
-    first_after = json.loads((run / "lineage.jsonl").read_text().splitlines()[stop_step])["spans"][0]
+    first_after = _lineage(run / "lineage.jsonl")[stop_step]["spans"][0]
     first_pending = state1["packer"]["segments"][0]
     assert first_after[:2] == [first_pending["id"], first_pending["start"]]
 

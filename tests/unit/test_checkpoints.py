@@ -155,11 +155,6 @@ def test_commit_refuses_a_file_whose_digest_differs(store):
     assert store.latest() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: commit() checks only sizes before writing the manifest and sha256 after it, so a refused "
-    "commit leaves a manifest behind: the step is listed, and can never be committed again",
-)
 def test_refused_commit_leaves_no_manifest(store):
     store.put(9, "w", b"abcde")
     with pytest.raises(CheckpointCorruptError):
@@ -257,11 +252,6 @@ def test_latest_when_latest_file_is_missing_or_stale(store):
     assert store.latest() == r1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a manifest that is not valid JSON makes list()/latest() raise JSONDecodeError "
-    "instead of skipping that checkpoint (CheckpointStore.ref does not turn parse errors into CheckpointCorruptError)",
-)
 def test_latest_skips_newest_with_unparseable_manifest(store):
     r1 = write(store, 1, {"w": b"one"})
     r2 = write(store, 2, {"w": b"two"})

@@ -203,7 +203,6 @@ def test_unknown_environment_field_names_the_variable():
     assert "EVERLEARN_SERVE__PROT" in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="env/--set values are parsed as YAML scalars, so a numeric-looking value for a str field becomes an int and is rejected")
 def test_numeric_looking_value_for_a_string_field():
     cfg = load_config(None, env={"EVERLEARN_RUN_DIR": "2024"}, overrides=["source.default_domain=42"])
     assert cfg.run_dir == "2024"
