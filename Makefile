@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test unit lint install clean
+.PHONY: run test unit lint install services clean
 
 $(BIN)/everlearn: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,15 @@ install: $(BIN)/everlearn
 run: install
 	$(BIN)/everlearn run $(ARGS)
 
-test: install
+# What the tests run for real besides Python packages: Prometheus (Debian's package).
+# The broker and the S3 server come with the test extras; fixtures start them all on 127.0.0.1.
+services:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing Debian's prometheus (the integration tests scrape with it)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+	  || echo "warning: could not install prometheus; run 'apt-get install prometheus' as root, or its tests fail"; }
+
+test: install services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install

@@ -1,0 +1,91 @@
+"""Real services on 127.0.0.1, started here and stopped by PID."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import free_port
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before answering {url}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server: yields fsspec storage options for s3:// URLs."""
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    assert exe, "moto_server not found: install the test extras (make test does)"
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", 30, proc)
+        yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields (s3 URL of it, storage options)."""
+    import uuid
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)
+    bucket = f"everlearn-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    return f"s3://{bucket}", s3_server
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A real Prometheus (Debian's binary) started with a scrape config; yields (start, api URL).
+
+    ``start(targets)`` writes the config scraping ``targets`` (host:port) every second and starts it.
+    """
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus not found: `make test` installs Debian's package (apt-get install prometheus)"
+    procs: list[subprocess.Popen] = []
+    port = free_port()
+
+    def start(targets: list[str]) -> str:
+        cfg = tmp_path / "prometheus.yml"
+        cfg.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: everlearn\n    static_configs: [{{targets: {targets!r}}}]\n"
+        )
+        proc = subprocess.Popen(
+            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs.append(proc)
+        _wait_http(f"http://127.0.0.1:{port}/-/ready", 30, proc)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
