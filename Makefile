@@ -27,6 +27,7 @@ services:
 	  || echo "warning: could not install prometheus; run 'apt-get install prometheus' as root, or its tests fail"; }
 
 test: install services
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install

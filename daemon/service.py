@@ -32,7 +32,7 @@ from everlearn.daemon.progress import Progress
 from everlearn.daemon.records import Document, Rejection, decode
 from everlearn.daemon.sources import DirectorySource
 from everlearn.deploy import AuditLog, GateResult, LossGate, Server
-from everlearn.errors import CheckpointError
+from everlearn.errors import CheckpointError, ConfigError
 from everlearn.learners import (
     CheckpointRef,
     CheckpointStore,
@@ -163,7 +163,11 @@ class Daemon:
 
     def _open(self) -> None:
         cfg = self.cfg
-        self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status).start()
+        try:
+            self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status).start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on metrics.host:metrics.port = {cfg.metrics.host}:{cfg.metrics.port} ({e}); "
+                              "is another daemon running? Set metrics.port to a free port (0 picks one)") from e
         self.source = DirectorySource(cfg.source.url, cfg.source.storage_options, cfg.source.default_domain, max_line_bytes=cfg.source.max_doc_bytes)
         actor = ray.remote(Learner).options(num_cpus=cfg.train.num_cpus, num_gpus=cfg.train.num_gpus, name=None)
         self.learner = actor.remote(cfg.model, cfg.train, cfg.schedule, cfg.checkpoint_url, cfg.checkpoint.storage_options)
@@ -307,6 +311,20 @@ class Daemon:
         return ref
 
     def _restore(self, ref: CheckpointRef) -> None:
+        try:
+            self._load_run_state(ref)
+        except (ValueError, KeyError, RuntimeError) as e:  # shapes or fields that do not fit this config
+            raise ConfigError(
+                f"cannot resume from {ref.uri}: {e}. The run in {self.cfg.run_dir} was made with another model, "
+                "train.seq_len or buffer/holdout capacity; use the config it was made with, or a new run_dir"
+            ) from e
+        self.last_checkpoint = self.resumed_from = ref
+        if self.cfg.log.lineage:  # steps after this one, if any, were lost with the process that took them
+            self._append_lineage({"resumed_from_step": self.step})
+        self.progress.event("resumed", step=self.step, checkpoint=ref.uri, buffer=len(self.buffer),
+                            buffer_sha256=buffer_digest(self.buffer), served_version=self.served.get("version"))
+
+    def _load_run_state(self, ref: CheckpointRef) -> None:
         self.step = ray.get(self.learner.load.remote(ref))
         state = json.loads(self.store.read(ref, DAEMON_STATE))
         arrays = safetensors.numpy.load(self.store.read(ref, ARRAYS))
@@ -320,11 +338,6 @@ class Daemon:
         self.source.seek(state["source"]["position"])
         self.counters.update(state.get("counters", {}))
         self.served = self._read_served() or state["served"]
-        self.last_checkpoint = self.resumed_from = ref
-        if self.cfg.log.lineage:  # steps after this one, if any, were lost with the process that took them
-            self._append_lineage({"resumed_from_step": self.step})
-        self.progress.event("resumed", step=self.step, checkpoint=ref.uri, buffer=len(self.buffer),
-                            buffer_sha256=buffer_digest(self.buffer), served_version=self.served.get("version"))
 
     # -- gates and promotion ---------------------------------------------------
     def _judge(self) -> None:

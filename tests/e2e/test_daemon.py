@@ -7,6 +7,7 @@ restart continue exactly where the run was (step, buffer, stream).
 """
 
 import json
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,7 @@ from everlearn.daemon.holdout import held_out
 from everlearn.daemon.service import ARRAYS, DAEMON_STATE, buffer_digest
 from everlearn.learners import CheckpointStore, build_tokenizer
 from everlearn.learners.model import ModelConfig
-from tests.e2e.helpers import DaemonProcess, get_json, post_json, tiny_config, wait_for
+from tests.e2e.helpers import EVERLEARN, DaemonProcess, get_json, post_json, tiny_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -105,6 +106,8 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
 
         status = get_json(status_url)
         assert status["dead_lettered"] == len(BAD_LINES)
+        cli = subprocess.run([*EVERLEARN, "status", "-c", str(config)], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and f"serving v{status['served_version']}" in cli.stdout, cli.stdout + cli.stderr
         assert daemon.terminate() == 0, daemon.tail()
     finally:
         daemon.kill()
