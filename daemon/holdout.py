@@ -23,7 +23,7 @@ class HoldoutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fraction: float = Field(0.05, ge=0, lt=1, description="Share of documents (by hash of their id) held out of training for the gates.")  # 5 %: enough evidence, little data lost to training
-    fresh_capacity: int = Field(64, ge=1, description="Newest held-out sequences that form the fresh window.")
+    fresh_capacity: int = Field(32, ge=1, description="Newest held-out sequences that form the fresh window; older ones move to the old reservoir.")  # ~8 documents: recent enough to show a new domain
     old_capacity: int = Field(256, ge=1, description="Held-out sequences kept (uniformly) once they age out of the fresh window.")
     max_sequences_per_doc: int = Field(4, ge=1, description="A long held-out document contributes at most this many sequences.")  # keeps one document from filling the window
     seed: int = Field(0, description="Seed of the old reservoir.")

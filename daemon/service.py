@@ -188,7 +188,7 @@ class Daemon:
 
     def _close(self) -> None:
         self.progress.close()
-        if self.server is not None:
+        if self.server is not None and not self._ray_started:  # a local Ray takes Serve down with it
             try:
                 self.server.stop()
             except Exception as e:  # noqa: BLE001 shutdown must go on

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 LEARNER_STATE = "learner.json"
+EVAL_CACHE = 2  # candidate and serving
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class Learner:
         )
         self.step = 0
         self.store = CheckpointStore(store_url, storage_options)
-        self._eval_model: tuple[str, torch.nn.Module] | None = None  # (manifest sha256, model) of the last checkpoint evaluated
+        # checkpoints evaluated lately, by manifest sha256: a judgement alternates candidate and serving
+        self._eval_models: OrderedDict[str, torch.nn.Module] = OrderedDict()
 
     def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> StepStats:
         t0 = time.perf_counter()
@@ -131,11 +134,15 @@ class Learner:
         return total / max(count, 1)
 
     def _checkpoint_model(self, ref: CheckpointRef) -> torch.nn.Module:
-        if self._eval_model is None or self._eval_model[0] != ref.manifest_sha256:
+        model = self._eval_models.get(ref.manifest_sha256)
+        if model is None:
             model = build_model(self.model_cfg, self.tokenizer).to(self.device)
-            load_weights(model, self.store, ref)
-            self._eval_model = (ref.manifest_sha256, model)
-        return self._eval_model[1]
+            load_weights(model, CheckpointStore(ref.store_url, self.store.storage_options), ref)
+            self._eval_models[ref.manifest_sha256] = model
+            while len(self._eval_models) > EVAL_CACHE:
+                self._eval_models.popitem(last=False)
+        self._eval_models.move_to_end(ref.manifest_sha256)
+        return model
 
     # -- checkpointing -------------------------------------------------------
     def save(self, step: int) -> dict[str, FileEntry]:
