@@ -12,6 +12,7 @@ Endpoints (JSON): ``POST /generate``, ``POST /score``, ``GET /version``, ``GET /
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -124,7 +125,8 @@ class LanguageModelServer:
     @staticmethod
     def _version_info(loaded: _Loaded) -> dict[str, Any]:
         i = loaded.info
-        return {"version": i.get("version"), "step": i.get("step"), "checkpoint": i.get("uri"), "manifest_sha256": i.get("manifest_sha256"), "promoted_unix": i.get("promoted_unix")}
+        return {"version": i.get("version"), "step": i.get("step"), "checkpoint": i.get("uri"), "manifest_sha256": i.get("manifest_sha256"),
+                "promoted_unix": i.get("promoted_unix"), "replica_pid": os.getpid()}
 
     def _generate(self, loaded: _Loaded, body: dict[str, Any]) -> dict[str, Any]:
         prompt = body.get("prompt", "")

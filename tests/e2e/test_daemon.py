@@ -86,6 +86,7 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
     daemon = DaemonProcess(config, log=tmp_path / "run1.log")
     try:
         wait_for(lambda: get_json(f"{base}/version")["version"] == 0, 120, "serving version 0", daemon)
+        replica_pid = get_json(f"{base}/version")["replica_pid"]
         assert get_json(f"{base}/healthz")["ok"] is True
         before = post_json(f"{base}/score", {"text": probe})
         assert before["version"] == 0 and before["tokens"] > 1000
@@ -100,6 +101,7 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
 
         after = post_json(f"{base}/score", {"text": probe})
         assert after["version"] > 0
+        assert get_json(f"{base}/version")["replica_pid"] == replica_pid  # swapped in place, not restarted
         assert after["loss"] < before["loss"] - 0.1, (before, after)
         gen = post_json(f"{base}/generate", {"prompt": "def ", "max_new_tokens": 16})
         assert isinstance(gen["text"], str) and gen["version"] == after["version"]

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 
 import numpy as np
 import pytest
@@ -77,7 +78,8 @@ def test_reconfigure_swaps_to_the_promoted_weights(trained):
     server = _server()
     server.reconfigure({"version": 0, **ref0.to_dict()})
     assert _call(server, "GET", "/version") == (200, {"version": 0, "step": 0, "checkpoint": ref0.uri,
-                                                      "manifest_sha256": ref0.manifest_sha256, "promoted_unix": None})
+                                                      "manifest_sha256": ref0.manifest_sha256, "promoted_unix": None,
+                                                      "replica_pid": os.getpid()})
     text = "".join(chr(97 + (i % 5)) for i in range(15))  # bytes 97..101 = ids 100..104: what the learner saw
     loss0 = _call(server, "POST", "/score", {"text": text})[1]["loss"]
     server.reconfigure({"version": 1, **ref5.to_dict()})
