@@ -8,6 +8,8 @@ ARGS ?=
 
 $(BIN)/everlearn: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# a current pip: the one a new venv brings (23.x) gives up on the s3fs/fsspec/botocore pins
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip>=25"
 	@# torch first: 2.13.0 is the CPU build on disk; letting the resolver choose pulls CUDA.
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
