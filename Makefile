@@ -4,15 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test unit lint install services clean
+.PHONY: run test unit lint install services lock clean
 
-$(BIN)/everlearn: pyproject.toml
+$(BIN)/everlearn: pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@# a current pip: the one a new venv brings (23.x) gives up on the s3fs/fsspec/botocore pins
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip>=25"
 	@# torch first: 2.13.0 is the CPU build on disk; letting the resolver choose pulls CUDA.
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@touch $(BIN)/everlearn
 
 install: $(BIN)/everlearn
@@ -37,6 +37,10 @@ unit: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Rewrite constraints.txt from the working .venv (after changing dependencies in pyproject.toml).
+lock: install
+	@{ sed -n 1,2p constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^everlearn'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
