@@ -5,11 +5,12 @@ Depends on nothing else in everlearn.
 
 from everlearn.buffers.config import BufferConfig
 from everlearn.buffers.protocol import ReplayBuffer
-from everlearn.buffers.reservoir import ReservoirBuffer
+from everlearn.buffers.reservoir import UniformReservoir
+from everlearn.buffers.storage import PAD_ID, SequenceSlots
 
-__all__ = ["BufferConfig", "ReplayBuffer", "ReservoirBuffer", "build_buffer"]
+__all__ = ["PAD_ID", "BufferConfig", "ReplayBuffer", "SequenceSlots", "UniformReservoir", "build_buffer"]
 
 
-def build_buffer(config: BufferConfig, seq_len: int) -> ReservoirBuffer:
-    """The replay buffer the config asks for (one kind so far: uniform reservoir)."""
-    return ReservoirBuffer(capacity=config.capacity, seq_len=seq_len, seed=config.seed)
+def build_buffer(config: BufferConfig, seq_len: int) -> UniformReservoir:
+    """The replay buffer the config asks for."""
+    return UniformReservoir(capacity=config.capacity, seq_len=seq_len, seed=config.seed, dedup=config.dedup)

@@ -12,3 +12,4 @@ class BufferConfig(BaseModel):
     capacity: int = Field(2048, ge=1, description="Sequences kept (each `train.seq_len` tokens); memory is capacity x seq_len x 4 bytes.")  # 2048 x 256 x 4 B = 2 MiB
     replay_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of every training batch drawn from the buffer instead of fresh data.")  # a few to 25 % replay curbs forgetting (Ibrahim et al. 2024)
     seed: int = Field(0, description="Seed of the buffer's own random stream (admission and sampling), so a run can be replayed exactly.")
+    dedup: bool = Field(False, description="Suppress a sequence identical (by content hash) to one the buffer holds.")  # off: hashing every offer costs what Algorithm L saves

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from everlearn.buffers import ReservoirBuffer
+from everlearn.buffers import UniformReservoir
 from everlearn.deploy import Evidence
 
 
@@ -39,7 +39,7 @@ class HoldoutWindows:
         self.cfg = cfg
         self.seq_len = seq_len
         self.fresh: deque[tuple[np.ndarray, str]] = deque()
-        self.old = ReservoirBuffer(cfg.old_capacity, seq_len, seed=cfg.seed)
+        self.old = UniformReservoir(cfg.old_capacity, seq_len, seed=cfg.seed)
 
     def is_held_out(self, doc_id: str) -> bool:
         return held_out(doc_id, self.cfg.fraction)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
-from everlearn.buffers import ReservoirBuffer
+from everlearn.buffers import UniformReservoir
 from everlearn.daemon import demo
 from everlearn.daemon.holdout import held_out
 from everlearn.daemon.service import ARRAYS, DAEMON_STATE, buffer_digest
@@ -42,7 +42,7 @@ def _write_stream(stream: Path, name: str, domain: str, docs: list[tuple[str, st
 def _checkpoint_state(store: CheckpointStore, ref, seq_len: int, capacity: int):
     state = json.loads(store.read(ref, DAEMON_STATE))
     arrays = safetensors.numpy.load(store.read(ref, ARRAYS))
-    buf = ReservoirBuffer(capacity, seq_len)
+    buf = UniformReservoir(capacity, seq_len)
     buf.load_state_dict({"meta": state["arrays_meta"]["buffer"],
                          "arrays": {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("buffer.")}})
     return state, buf

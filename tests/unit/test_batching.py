@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from everlearn.buffers import ReservoirBuffer
+from everlearn.buffers import UniformReservoir
 from everlearn.learners.batching import ReplayMixer, Span, TokenPacker
 
 pytestmark = pytest.mark.unit
@@ -191,13 +191,13 @@ def test_restored_packer_reproduces_the_uninterrupted_stream():
 
 
 def filled_buffer(n=5, seq_len=8, seed=0):
-    buf = ReservoirBuffer(capacity=16, seq_len=seq_len, seed=seed)
+    buf = UniformReservoir(capacity=16, seq_len=seq_len, seed=seed)
     buf.add_many([np.full(3 + i % 4, 100 + i, dtype=np.int32) for i in range(n)], [f"d{i}" for i in range(n)])
     return buf
 
 
 def test_no_replay_from_an_empty_buffer():
-    mixer = ReplayMixer(ReservoirBuffer(capacity=4, seq_len=8), fraction=0.5, batch_size=8)
+    mixer = ReplayMixer(UniformReservoir(capacity=4, seq_len=8), fraction=0.5, batch_size=8)
     assert mixer.n_replay() == 0
     assert mixer.n_fresh() == 8
     fresh = np.arange(64, dtype=np.int32).reshape(8, 8)
@@ -242,7 +242,7 @@ def test_n_replay_is_round_of_fraction_times_batch_and_never_the_whole_batch():
 def test_mix_puts_replay_last_with_true_lengths():
     seq_len = 8
     buf = filled_buffer(seq_len=seq_len)
-    kept = {tuple(buf.tokens[i]): int(buf.lengths[i]) for i in range(len(buf))}
+    kept = {tuple(buf.slots.tokens[i]): int(buf.slots.lengths[i]) for i in range(len(buf))}
     mixer = ReplayMixer(buf, fraction=0.5, batch_size=6)
     assert mixer.n_replay() == 3
     fresh = np.arange(3 * seq_len, dtype=np.int32).reshape(3, seq_len) + 1000
@@ -267,12 +267,12 @@ def test_mix_is_deterministic_given_buffer_seed():
 
 
 def test_remember_adds_fresh_windows_with_domains():
-    buf = ReservoirBuffer(capacity=10, seq_len=4)
+    buf = UniformReservoir(capacity=10, seq_len=4)
     mixer = ReplayMixer(buf, fraction=0.25, batch_size=4)
     fresh = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], dtype=np.int32)
     mixer.remember(fresh, ["news", "code"])
     assert len(buf) == 2 and buf.seen == 2
-    np.testing.assert_array_equal(buf.tokens[:2], fresh)
-    np.testing.assert_array_equal(buf.lengths[:2], [4, 4])
+    np.testing.assert_array_equal(buf.slots.tokens[:2], fresh)
+    np.testing.assert_array_equal(buf.slots.lengths[:2], [4, 4])
     assert buf.domain_counts() == {"news": 1, "code": 1}
     assert mixer.n_replay() == 1  # replay starts once the buffer holds something

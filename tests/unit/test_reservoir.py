@@ -1,4 +1,4 @@
-"""ReservoirBuffer (buffers/reservoir.py): bounds, padding, state, determinism, uniformity."""
+"""UniformReservoir (buffers/reservoir.py): bounds, padding, state, determinism, uniformity."""
 
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from everlearn.buffers import ReplayBuffer, ReservoirBuffer
-from everlearn.buffers.reservoir import PAD_ID
+from everlearn.buffers import ReplayBuffer, UniformReservoir
+from everlearn.buffers.storage import PAD_ID
 
 pytestmark = pytest.mark.unit
 
@@ -21,17 +21,17 @@ def seqs(values, length=1):
 
 
 def test_satisfies_the_replay_buffer_protocol():
-    assert isinstance(ReservoirBuffer(capacity=4, seq_len=8), ReplayBuffer)
+    assert isinstance(UniformReservoir(capacity=4, seq_len=8), ReplayBuffer)
 
 
 @pytest.mark.parametrize("capacity, seq_len", [(0, 8), (4, 0), (-1, 8)])
 def test_rejects_non_positive_sizes(capacity, seq_len):
     with pytest.raises(ValueError):
-        ReservoirBuffer(capacity=capacity, seq_len=seq_len)
+        UniformReservoir(capacity=capacity, seq_len=seq_len)
 
 
 def test_len_bounded_by_capacity_and_seen_counts_every_offer():
-    buf = ReservoirBuffer(capacity=7, seq_len=4, seed=3)
+    buf = UniformReservoir(capacity=7, seq_len=4, seed=3)
     offered = 0
     for chunk in (1, 2, 3, 5, 10, 40):
         buf.add_many(seqs(range(offered, offered + chunk)))
@@ -45,13 +45,13 @@ def test_len_bounded_by_capacity_and_seen_counts_every_offer():
 
 
 def test_fills_in_stream_order_before_capacity_is_reached():
-    buf = ReservoirBuffer(capacity=5, seq_len=4)
+    buf = UniformReservoir(capacity=5, seq_len=4)
     buf.add_many(seqs([10, 11, 12]))
     assert [int(s[0]) for s in buf.items()] == [10, 11, 12]
 
 
 def test_capacity_one():
-    buf = ReservoirBuffer(capacity=1, seq_len=2, seed=1)
+    buf = UniformReservoir(capacity=1, seq_len=2, seed=1)
     for i in range(100):
         buf.add_many(seqs([i]))
         assert len(buf) == 1
@@ -66,7 +66,7 @@ def test_capacity_one_keeps_each_item_with_probability_one_over_n():
     n, trials = 10, 4000
     counts = np.zeros(n)
     for seed in range(trials):
-        buf = ReservoirBuffer(capacity=1, seq_len=1, seed=seed)
+        buf = UniformReservoir(capacity=1, seq_len=1, seed=seed)
         buf.add_many(seqs(range(n)))
         counts[int(buf.items()[0][0])] += 1
     # binomial(4000, 0.1): mean 400, sd 19; 5 sd is far beyond chance
@@ -75,13 +75,13 @@ def test_capacity_one_keeps_each_item_with_probability_one_over_n():
 
 @pytest.mark.parametrize("method", ["sample", "sample_with_lengths"])
 def test_sampling_an_empty_buffer_raises(method):
-    buf = ReservoirBuffer(capacity=3, seq_len=4)
+    buf = UniformReservoir(capacity=3, seq_len=4)
     with pytest.raises(ValueError):
         getattr(buf, method)(1)
 
 
 def test_sequence_longer_than_seq_len_is_rejected():
-    buf = ReservoirBuffer(capacity=3, seq_len=4)
+    buf = UniformReservoir(capacity=3, seq_len=4)
     with pytest.raises(ValueError, match="seq_len"):
         buf.add_many([np.arange(5, dtype=np.int32)])
     assert len(buf) == 0
@@ -91,13 +91,13 @@ def test_sequence_longer_than_seq_len_is_rejected():
 
 
 def test_domains_must_match_items():
-    buf = ReservoirBuffer(capacity=3, seq_len=4)
+    buf = UniformReservoir(capacity=3, seq_len=4)
     with pytest.raises(ValueError):
         buf.add_many(seqs([1, 2]), domains=["a"])
 
 
 def test_padding_and_lengths():
-    buf = ReservoirBuffer(capacity=4, seq_len=6)
+    buf = UniformReservoir(capacity=4, seq_len=6)
     items = [
         np.array([7, 8, 9], dtype=np.int32),
         np.array([], dtype=np.int32),
@@ -114,8 +114,8 @@ def test_padding_and_lengths():
         ],
         dtype=np.int32,
     )
-    np.testing.assert_array_equal(buf.tokens, expected)
-    np.testing.assert_array_equal(buf.lengths, [3, 0, 6, 1])
+    np.testing.assert_array_equal(buf.slots.tokens, expected)
+    np.testing.assert_array_equal(buf.slots.lengths, [3, 0, 6, 1])
     for got, want in zip(buf.items(), items, strict=True):
         np.testing.assert_array_equal(got, want)
     # sample_with_lengths pairs every row with its own true length
@@ -128,28 +128,28 @@ def test_padding_and_lengths():
 
 
 def test_replacing_a_long_item_with_a_short_one_clears_the_old_tail():
-    buf = ReservoirBuffer(capacity=1, seq_len=5, seed=0)
+    buf = UniformReservoir(capacity=1, seq_len=5, seed=0)
     buf.add_many([np.array([9, 9, 9, 9, 9], dtype=np.int32)])
     # keep offering short items until one replaces the long one
     i = 0
-    while buf.lengths[0] == 5:
+    while buf.slots.lengths[0] == 5:
         buf.add_many([np.array([i + 100], dtype=np.int32)])
         i += 1
-    assert 100 <= buf.tokens[0, 0] < 100 + i
-    np.testing.assert_array_equal(buf.tokens[0, 1:], [PAD_ID] * 4)
-    assert buf.lengths[0] == 1
+    assert 100 <= buf.slots.tokens[0, 0] < 100 + i
+    np.testing.assert_array_equal(buf.slots.tokens[0, 1:], [PAD_ID] * 4)
+    assert buf.slots.lengths[0] == 1
 
 
 def test_sample_returns_copies():
-    buf = ReservoirBuffer(capacity=2, seq_len=3)
+    buf = UniformReservoir(capacity=2, seq_len=3)
     buf.add_many(seqs([5, 6], length=3))
     s = buf.sample(4)
     s[:] = -1
-    assert set(buf.tokens.ravel().tolist()) == {5, 6}
+    assert set(buf.slots.tokens.ravel().tolist()) == {5, 6}
 
 
 def test_sample_draws_uniformly_over_kept_items():
-    buf = ReservoirBuffer(capacity=5, seq_len=1)
+    buf = UniformReservoir(capacity=5, seq_len=1)
     buf.add_many(seqs(range(5)))
     draws = buf.sample(10000, np.random.default_rng(1))[:, 0]
     counts = np.bincount(draws, minlength=5)
@@ -158,7 +158,7 @@ def test_sample_draws_uniformly_over_kept_items():
 
 
 def test_domain_counts():
-    buf = ReservoirBuffer(capacity=10, seq_len=2)
+    buf = UniformReservoir(capacity=10, seq_len=2)
     assert buf.domain_counts() == {}
     buf.add_many(seqs(range(6)), domains=["news", "code", "news", "web", "news", "code"])
     assert buf.domain_counts() == {"news": 3, "code": 2, "web": 1}
@@ -167,7 +167,7 @@ def test_domain_counts():
 
 
 def test_domain_counts_after_eviction_match_kept_items():
-    buf = ReservoirBuffer(capacity=8, seq_len=1, seed=5)
+    buf = UniformReservoir(capacity=8, seq_len=1, seed=5)
     values = list(range(200))
     domains = ["even" if v % 2 == 0 else "odd" for v in values]
     buf.add_many(seqs(values), domains=domains)
@@ -182,25 +182,25 @@ def test_domain_counts_after_eviction_match_kept_items():
 
 
 def test_same_seed_same_reservoir_and_samples():
-    a = ReservoirBuffer(capacity=6, seq_len=3, seed=11)
-    b = ReservoirBuffer(capacity=6, seq_len=3, seed=11)
+    a = UniformReservoir(capacity=6, seq_len=3, seed=11)
+    b = UniformReservoir(capacity=6, seq_len=3, seed=11)
     for buf in (a, b):
         buf.add_many(seqs(range(100), length=2))
-    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.slots.tokens, b.slots.tokens)
     np.testing.assert_array_equal(a.sample(20), b.sample(20))
 
 
 def test_different_seed_different_reservoir():
     kept = set()
     for seed in range(5):
-        buf = ReservoirBuffer(capacity=6, seq_len=1, seed=seed)
+        buf = UniformReservoir(capacity=6, seq_len=1, seed=seed)
         buf.add_many(seqs(range(200)))
         kept.add(tuple(sorted(int(s[0]) for s in buf.items())))
     assert len(kept) > 1
 
 
 def _filled(seed=2):
-    buf = ReservoirBuffer(capacity=8, seq_len=5, seed=seed)
+    buf = UniformReservoir(capacity=8, seq_len=5, seed=seed)
     rng = np.random.default_rng(123)
     items = [rng.integers(3, 259, size=rng.integers(1, 6)).astype(np.int32) for _ in range(40)]
     doms = [f"d{i % 3}" for i in range(40)]
@@ -215,8 +215,8 @@ def _future(buf):
     for _ in range(5):
         items = [rng.integers(3, 259, size=rng.integers(1, buf.seq_len + 1)).astype(np.int32) for _ in range(30)]
         buf.add_many(items, ["late"] * len(items))
-        trace.append(buf.tokens.copy())
-        trace.append(buf.lengths.copy())
+        trace.append(buf.slots.tokens.copy())
+        trace.append(buf.slots.lengths.copy())
         trace.append(buf.sample(7))
         trace.extend(buf.sample_with_lengths(3))
     trace.append(np.array(json.dumps(sorted(buf.domain_counts().items()))))
@@ -229,15 +229,15 @@ def test_state_dict_round_trip_identical_arrays_and_future():
     # the state survives being stored: arrays as arrays, meta through JSON
     state = {"arrays": {k: v.copy() for k, v in state["arrays"].items()}, "meta": json.loads(json.dumps(state["meta"]))}
 
-    dst = ReservoirBuffer(capacity=8, seq_len=5, seed=999)  # seed must not matter: the rng state is restored
+    dst = UniformReservoir(capacity=8, seq_len=5, seed=999)  # seed must not matter: the rng state is restored
     dst.add_many(seqs(range(3), length=5), ["other"] * 3)  # and whatever it held before is replaced
     dst.load_state_dict(state)
 
     assert len(dst) == len(src) and dst.seen == src.seen
-    np.testing.assert_array_equal(dst.tokens, src.tokens)
-    np.testing.assert_array_equal(dst.lengths, src.lengths)
-    np.testing.assert_array_equal(dst.domain_ids, src.domain_ids)
-    assert dst.domains == src.domains
+    np.testing.assert_array_equal(dst.slots.tokens, src.slots.tokens)
+    np.testing.assert_array_equal(dst.slots.lengths, src.slots.lengths)
+    np.testing.assert_array_equal(dst.slots.domain_ids, src.slots.domain_ids)
+    assert dst.slots.domains == src.slots.domains
     assert dst.domain_counts() == src.domain_counts()
 
     for got, want in zip(_future(dst), _future(src), strict=True):
@@ -245,13 +245,13 @@ def test_state_dict_round_trip_identical_arrays_and_future():
 
 
 def test_state_dict_of_partly_filled_buffer():
-    src = ReservoirBuffer(capacity=10, seq_len=4, seed=1)
+    src = UniformReservoir(capacity=10, seq_len=4, seed=1)
     src.add_many(seqs([1, 2, 3], length=2))
-    dst = ReservoirBuffer(capacity=10, seq_len=4, seed=1)
+    dst = UniformReservoir(capacity=10, seq_len=4, seed=1)
     dst.add_many(seqs(range(10), length=4))
     dst.load_state_dict(src.state_dict())
     assert len(dst) == 3 and dst.seen == 3
-    np.testing.assert_array_equal(dst.tokens, src.tokens)  # slots beyond size are pad again
+    np.testing.assert_array_equal(dst.slots.tokens, src.slots.tokens)  # slots beyond size are pad again
     for got, want in zip(_future(dst), _future(src), strict=True):
         np.testing.assert_array_equal(got, want)
 
@@ -271,9 +271,9 @@ def test_state_dict_is_a_snapshot():
 def test_load_state_dict_rejects_wrong_shape():
     state = _filled().state_dict()
     with pytest.raises(ValueError):
-        ReservoirBuffer(capacity=8, seq_len=6).load_state_dict(state)
+        UniformReservoir(capacity=8, seq_len=6).load_state_dict(state)
     with pytest.raises(ValueError):
-        ReservoirBuffer(capacity=4, seq_len=5).load_state_dict(state)
+        UniformReservoir(capacity=4, seq_len=5).load_state_dict(state)
 
 
 # -- uniformity ---------------------------------------------------------------
@@ -320,7 +320,7 @@ def reservoir_inclusions(admit) -> np.ndarray:
 
 
 def admit_everlearn(seed: int) -> list[int]:
-    buf = ReservoirBuffer(capacity=K, seq_len=1, seed=seed)
+    buf = UniformReservoir(capacity=K, seq_len=1, seed=seed)
     # offered in two calls: the admission state must carry across add_many calls
     buf.add_many(seqs(range(N_ITEMS // 2)))
     buf.add_many(seqs(range(N_ITEMS // 2, N_ITEMS)))

@@ -1,0 +1,100 @@
+"""Preallocated storage for token sequences: no Python object per kept item.
+
+``capacity`` slots of ``seq_len`` int32 tokens, with each slot's true length,
+domain id and a 64-bit content hash (for duplicate suppression). Memory is
+fixed at construction: ``capacity * (seq_len * 4 + 16)`` bytes.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PAD_ID = 0  # pad id of the byte tokenizer; padded positions are never trained on
+
+
+def content_hash(seq: np.ndarray) -> int:
+    """64-bit hash of a sequence's tokens (blake2b), for exact-duplicate suppression."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(seq, dtype=np.int32).tobytes(), digest_size=8).digest(), "little")
+
+
+class SequenceSlots:
+    def __init__(self, capacity: int, seq_len: int):
+        if capacity < 1 or seq_len < 1:
+            raise ValueError(f"capacity and seq_len must be >= 1, got {capacity} and {seq_len}")
+        self.capacity = capacity
+        self.seq_len = seq_len
+        self.tokens = np.full((capacity, seq_len), PAD_ID, dtype=np.int32)
+        self.lengths = np.zeros(capacity, dtype=np.int32)
+        self.domain_ids = np.zeros(capacity, dtype=np.int32)
+        self.hashes = np.zeros(capacity, dtype=np.uint64)
+        self.domains: list[str] = []  # domain id -> name, in order of first appearance
+        self._domain_index: dict[str, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.lengths.nbytes + self.domain_ids.nbytes + self.hashes.nbytes
+
+    def domain_id(self, domain: str) -> int:
+        idx = self._domain_index.get(domain)
+        if idx is None:
+            idx = self._domain_index[domain] = len(self.domains)
+            self.domains.append(domain)
+        return idx
+
+    def check(self, items: Sequence[np.ndarray]) -> None:
+        """Refuse a batch with a sequence longer than ``seq_len`` before any of it is taken."""
+        for seq in items:
+            if len(seq) > self.seq_len:
+                raise ValueError(f"sequence of {len(seq)} tokens exceeds seq_len={self.seq_len}; pack sequences first")
+
+    def put(self, slot: int, seq: np.ndarray, domain_id: int, hash_: int = 0) -> None:
+        n = len(seq)
+        self.tokens[slot, :n] = seq
+        self.tokens[slot, n:] = PAD_ID
+        self.lengths[slot] = n
+        self.domain_ids[slot] = domain_id
+        self.hashes[slot] = hash_
+
+    def gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[idx], self.lengths[idx]
+
+    def unpadded(self, idx) -> list[np.ndarray]:
+        return [self.tokens[i, : self.lengths[i]].copy() for i in idx]
+
+    def domain_counts(self, idx: np.ndarray) -> dict[str, int]:
+        counts = np.bincount(self.domain_ids[idx], minlength=len(self.domains))
+        return {name: int(c) for name, c in zip(self.domains, counts, strict=True)}
+
+    def state(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays of the slots ``idx`` (in that order) and the domain table."""
+        idx = np.asarray(idx, dtype=np.int64)
+        arrays = {
+            "tokens": self.tokens[idx].copy(),
+            "lengths": self.lengths[idx].copy(),
+            "domain_ids": self.domain_ids[idx].copy(),
+            "hashes": self.hashes[idx].copy(),
+        }
+        return arrays, {"domains": list(self.domains), "seq_len": self.seq_len}
+
+    def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
+        """Fill slots 0..n-1 from ``arrays``; returns n."""
+        if meta["seq_len"] != self.seq_len:
+            raise ValueError(f"buffer state has seq_len={meta['seq_len']}, this buffer {self.seq_len}")
+        n = len(arrays["lengths"])
+        if n > self.capacity:
+            raise ValueError(f"buffer state holds {n} sequences, more than capacity={self.capacity}")
+        self.tokens[:] = PAD_ID
+        self.lengths[:] = 0
+        self.domain_ids[:] = 0
+        self.hashes[:] = 0
+        self.tokens[:n] = arrays["tokens"]
+        self.lengths[:n] = arrays["lengths"]
+        self.domain_ids[:n] = arrays["domain_ids"]
+        if "hashes" in arrays:
+            self.hashes[:n] = arrays["hashes"]
+        self.domains = list(meta["domains"])
+        self._domain_index = {d: i for i, d in enumerate(self.domains)}
+        return n
