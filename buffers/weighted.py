@@ -1,0 +1,109 @@
+"""Weighted reservoir: Efraimidis & Spirakis' A-ExpJ ("Weighted random sampling with a
+reservoir", 2006), with exponential jumps.
+
+Item ``i`` with weight ``w_i > 0`` draws the key ``u_i ** (1 / w_i)``; the reservoir
+keeps the k largest keys, which is exactly a weighted sample without
+replacement (successive sampling proportional to weight). Keys are kept as logs,
+``log(u) / w``, so tiny weights do not underflow. Instead of a key per item,
+A-ExpJ draws how much *weight* to skip: with ``T`` the smallest kept key,
+
+    X = log(u) / log(T)                       weight to pass over before the next admission
+    admitted item i:  t = T ** w_i,  key = uniform(t, 1) ** (1 / w_i)   (it beats T)
+
+so the random draws per item fall as the stream grows, as in Algorithm L.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from everlearn.buffers.base import SlotBuffer
+
+
+class WeightedReservoir(SlotBuffer):
+    kind = "weighted"
+
+    def __init__(self, capacity: int, seq_len: int, seed: int = 0, dedup: bool = False,
+                 domain_weights: dict[str, float] | None = None, default_weight: float = 1.0):
+        super().__init__(capacity, seq_len, seed, dedup)
+        if default_weight <= 0 or any(w <= 0 for w in (domain_weights or {}).values()):
+            raise ValueError("weights must be > 0")
+        self.domain_weights = dict(domain_weights or {})
+        self.default_weight = default_weight
+        self.log_keys = np.zeros(capacity, dtype=np.float64)  # log(u) / w of each kept item (<= 0)
+        self._x = 0.0  # weight still to skip before the next admission
+
+    def _threshold(self) -> float:
+        return float(self.log_keys[: self._size].min())
+
+    def _draw_jump(self) -> None:
+        self._x = math.log(self._rng.random()) / self._threshold()  # both logs < 0
+
+    def weights_for(self, domains: Sequence[str] | None, n: int) -> np.ndarray:
+        if domains is None:
+            return np.full(n, self.default_weight)
+        return np.array([self.domain_weights.get(d, self.default_weight) for d in domains], dtype=np.float64)
+
+    def add_many(self, items: Sequence[np.ndarray], domains: Sequence[str] | None = None,
+                 weights: Sequence[float] | None = None) -> None:
+        """Offer items; ``weights`` (per item) override the per-domain weights."""
+        w_all = np.asarray(weights, dtype=np.float64) if weights is not None else self.weights_for(domains, len(items))
+        if len(w_all) != len(items):
+            raise ValueError(f"{len(items)} items but {len(w_all)} weights")
+        if self.dedup:  # keep the weights aligned with what survives duplicate suppression
+            keep = self._dedup_mask(items)
+            items = [s for s, k in zip(items, keep, strict=True) if k]
+            domains = [d for d, k in zip(domains, keep, strict=True) if k] if domains is not None else None
+            w_all = w_all[keep]
+        items, doms, hashes = self._prepare(items, domains)
+        n, pos = len(items), 0
+        while self._size < self.capacity and pos < n:  # fill phase: every item with w > 0 enters with its key
+            w = w_all[pos]
+            if w > 0:
+                self.log_keys[self._size] = math.log(self._rng.random()) / w
+                self._store(self._size, items[pos], doms[pos], hashes[pos])
+                self._size += 1
+                if self._size == self.capacity:
+                    self._draw_jump()
+            pos += 1
+        while pos < n:  # jump phase
+            cum = np.cumsum(np.where(w_all[pos:] > 0, w_all[pos:], 0.0))
+            j = int(np.searchsorted(cum, self._x, side="left"))
+            if j >= len(cum):
+                self._x -= float(cum[-1])
+                break
+            i = pos + j
+            w = w_all[i]
+            t = math.exp(w * self._threshold())
+            r = self._rng.uniform(t, 1.0)
+            slot = int(np.argmin(self.log_keys[: self._size]))
+            self.log_keys[slot] = math.log(r) / w
+            self._store(slot, items[i], doms[i], hashes[i])
+            self._draw_jump()
+            pos = i + 1
+        self._seen += n
+
+    def _dedup_mask(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        from everlearn.buffers.storage import content_hash
+
+        seen_now, keep = set(), np.ones(len(items), dtype=bool)
+        for k, seq in enumerate(items):
+            h = content_hash(seq)
+            if h in self._kept or h in seen_now:
+                keep[k] = False
+            seen_now.add(h)
+        self.duplicates += int((~keep).sum())
+        return keep
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._state({"x": self._x, "domain_weights": self.domain_weights, "default_weight": self.default_weight})
+        state["arrays"]["log_keys"] = self.log_keys[: self._size].copy()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        meta = self._load(state)
+        self.log_keys[:] = 0.0
+        self.log_keys[: self._size] = state["arrays"]["log_keys"]
+        self._x = float(meta["x"])
