@@ -21,6 +21,8 @@ class Metrics:
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.buffer_sequences = Gauge(f"{PREFIX}_replay_buffer_sequences", "Sequences held in the replay buffer.", registry=r)
         self.buffer_capacity = Gauge(f"{PREFIX}_replay_buffer_capacity_sequences", "Capacity of the replay buffer.", registry=r)
+        self.buffer_domain = Gauge(f"{PREFIX}_replay_buffer_domain_sequences", "Sequences held in the replay buffer, by domain.", ["domain"], registry=r)
+        self.buffer_duplicates = Gauge(f"{PREFIX}_replay_buffer_duplicates_suppressed", "Offers the buffer refused as exact duplicates (buffer.dedup).", registry=r)
         self.buffer_seen = Gauge(f"{PREFIX}_replay_buffer_seen_sequences", "Sequences offered to the replay buffer so far.", registry=r)
         self.pending_tokens = Gauge(f"{PREFIX}_pending_tokens", "Tokens read from the stream and not yet trained on.", registry=r)
         self.checkpoints = Counter(f"{PREFIX}_checkpoints", "Checkpoints committed.", registry=r)

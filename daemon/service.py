@@ -271,6 +271,10 @@ class Daemon:
         m.step_seconds.observe(stats.seconds)
         m.buffer_sequences.set(len(self.buffer))
         m.buffer_seen.set(self.buffer.seen)
+        m.buffer_duplicates.set(self.buffer.duplicates)
+        if self.step % 10 == 0 or self.step < 10:  # a bincount over the buffer: every few steps is plenty
+            for domain, count in self.buffer.domain_counts().items():
+                m.buffer_domain.labels(domain or "unknown").set(count)
         m.pending_tokens.set(self.packer.pending_tokens)
         if self.cfg.log.lineage:
             spans = [[s.doc_id, s.start, s.end] for window in lineage for s in window]
