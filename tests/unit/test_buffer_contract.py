@@ -6,6 +6,7 @@ import pytest
 from everlearn.buffers import (
     BufferConfig,
     ReplayBuffer,
+    StratifiedReservoir,
     UniformReservoir,
     WeightedReservoir,
     build_buffer,
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.unit
 
 FACTORIES = {
     "uniform": lambda cap, seed=0, dedup=False: UniformReservoir(cap, 4, seed=seed, dedup=dedup),
+    "stratified": lambda cap, seed=0, dedup=False: StratifiedReservoir(cap, 4, seed=seed, dedup=dedup),
     "weighted": lambda cap, seed=0, dedup=False: WeightedReservoir(cap, 4, seed=seed, dedup=dedup, domain_weights={"b": 3.0}),
 }
 
