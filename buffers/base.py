@@ -108,3 +108,38 @@ class SlotBuffer:
         self._rng.bit_generator.state = meta["rng"]
         self._kept = {int(h): i for i, h in enumerate(self.slots.hashes[: self._size])} if self.dedup else {}
         return meta
+
+
+class BlockUniforms:
+    """Uniform draws on (0, 1], served from blocks: one numpy call per block, not per draw.
+
+    A numpy scalar draw costs ~1-3 us here, more than the rest of an Algorithm L
+    admission. The state is the generator's state *before* the current block plus
+    the index into it, so a restore regenerates the block and continues exactly.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, seed: int):
+        self._gen = np.random.Generator(np.random.PCG64([seed, 0x5EED]))  # its own stream: sampling never shifts it
+        self._refill()
+
+    def _refill(self) -> None:
+        self._start = self._gen.bit_generator.state
+        self._block = (1.0 - self._gen.random(self.BLOCK)).tolist()  # (0, 1]: log() is always finite
+        self._i = 0
+
+    def __call__(self) -> float:
+        if self._i == self.BLOCK:
+            self._refill()
+        u = self._block[self._i]
+        self._i += 1
+        return u
+
+    def state(self) -> dict[str, Any]:
+        return {"start": self._start, "i": self._i}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._gen.bit_generator.state = state["start"]
+        self._refill()
+        self._i = int(state["i"])

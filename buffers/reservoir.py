@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from everlearn.buffers.base import SlotBuffer
+from everlearn.buffers.base import BlockUniforms, SlotBuffer
 
 
 class UniformReservoir(SlotBuffer):
@@ -29,15 +29,16 @@ class UniformReservoir(SlotBuffer):
 
     def __init__(self, capacity: int, seq_len: int, seed: int = 0, dedup: bool = False):
         super().__init__(capacity, seq_len, seed, dedup)
+        self._u = BlockUniforms(seed)  # admission draws; sampling uses the base generator
         self._w = 0.0  # Algorithm L's W; 0 until the reservoir is full
         self._next = 0  # stream index (0-based, over admitted-eligible items) of the next admission
 
     def _skip(self) -> int:
-        u = self._rng.random()
-        return int(math.floor(math.log(u) / math.log1p(-self._w))) if self._w > 0 else 0
+        u = self._u()
+        return int(math.log(u) / math.log1p(-self._w)) if self._w > 0 else 0  # both logs <= 0: int() floors
 
     def _advance(self) -> None:
-        self._w *= math.exp(math.log(self._rng.random()) / self.capacity)
+        self._w *= math.exp(math.log(self._u()) / self.capacity)
         self._next += self._skip() + 1
 
     def add_many(self, items: Sequence[np.ndarray], domains: Sequence[str] | None = None) -> None:
@@ -49,21 +50,23 @@ class UniformReservoir(SlotBuffer):
             self._size += 1
             i += 1
             if self._size == self.capacity:
-                self._w = math.exp(math.log(self._rng.random()) / self.capacity)
+                self._w = math.exp(math.log(self._u()) / self.capacity)
                 self._next = base + i + self._skip()
         end = base + n
         while self._size == self.capacity and self._next < end:  # skip phase: only admissions cost work
             j = self._next - base
-            slot = int(self._rng.integers(0, self.capacity))
+            slot = min(int((1.0 - self._u()) * self.capacity), self.capacity - 1)
             self._store(slot, items[j], doms[j], hashes[j])
             self._advance()
         self._seen = end
 
     def state_dict(self) -> dict[str, Any]:
-        return self._state({"w": self._w, "next": self._next})
+        return self._state({"w": self._w, "next": self._next, "uniforms": self._u.state()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         meta = self._load(state)
+        if "uniforms" in meta:
+            self._u.load(meta["uniforms"])
         if "w" in meta:
             self._w, self._next = float(meta["w"]), int(meta["next"])
         elif self._size == self.capacity:  # a state without Algorithm L's variables: restart W from its law

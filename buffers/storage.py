@@ -52,8 +52,12 @@ class SequenceSlots:
 
     def put(self, slot: int, seq: np.ndarray, domain_id: int, hash_: int = 0) -> None:
         n = len(seq)
-        self.tokens[slot, :n] = seq
-        self.tokens[slot, n:] = PAD_ID
+        row = self.tokens[slot]
+        if n == self.seq_len:  # the common case (packed windows): one copy, nothing to pad
+            row[:] = seq
+        else:
+            row[:n] = seq
+            row[n:] = PAD_ID
         self.lengths[slot] = n
         self.domain_ids[slot] = domain_id
         self.hashes[slot] = hash_

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import ray
-import safetensors.numpy
 
 from everlearn.buffers import build_buffer
+from everlearn.buffers.persist import from_files, to_files
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.demo import seed_demo_stream
@@ -43,7 +43,6 @@ from everlearn.learners import (
 )
 
 DAEMON_STATE = "daemon.json"
-ARRAYS = "state.safetensors"  # replay buffer and old held-out reservoir arrays
 SERVED = "SERVED.json"  # beside LATEST: the promoted version, the source of truth for serving
 
 
@@ -291,20 +290,17 @@ class Daemon:
             return self.last_checkpoint
         t0 = time.perf_counter()
         files = ray.get(self.learner.save.remote(self.step))
-        arrays, meta = {}, {}
-        for name, part in (("buffer", self.buffer.state_dict()), ("holdout_old", self.holdout.old.state_dict())):
-            arrays.update({f"{name}.{k}": v for k, v in part["arrays"].items()})
-            meta[name] = part["meta"]
+        for prefix, part in (("buffer", self.buffer.state_dict()), ("holdout_old", self.holdout.old.state_dict())):
+            for name, data in to_files(prefix, part, self.cfg.buffer.shard_mb << 20).items():
+                files[name] = self.store.put(self.step, name, data)
         state = {
             "step": self.step,
             "source": {"url": self.cfg.source.url, "position": self.source.position()},
             "packer": self.packer.state_dict(),
             "holdout_fresh": self.holdout.state_dict()["fresh"],
-            "arrays_meta": meta,
             "served": self.served,
             "counters": self.counters,
         }
-        files[ARRAYS] = self.store.put(self.step, ARRAYS, safetensors.numpy.save(arrays))
         files[DAEMON_STATE] = self.store.put(self.step, DAEMON_STATE, json.dumps(state).encode())
         ref = self.store.commit(self.step, files, meta={"served_version": self.served.get("version")})
         self.last_checkpoint = ref
@@ -331,12 +327,8 @@ class Daemon:
     def _load_run_state(self, ref: CheckpointRef) -> None:
         self.step = ray.get(self.learner.load.remote(ref))
         state = json.loads(self.store.read(ref, DAEMON_STATE))
-        arrays = safetensors.numpy.load(self.store.read(ref, ARRAYS))
-        for name, target in (("buffer", self.buffer), ("holdout_old", self.holdout.old)):
-            target.load_state_dict({
-                "meta": state["arrays_meta"][name],
-                "arrays": {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(name + ".")},
-            })
+        for prefix, target in (("buffer", self.buffer), ("holdout_old", self.holdout.old)):
+            target.load_state_dict(from_files(prefix, lambda name: self.store.read(ref, name)))
         self.holdout.load_state_dict({"fresh": state["holdout_fresh"], "old": self.holdout.old.state_dict()})
         self.packer.load_state_dict(state["packer"])
         self.source.seek(state["source"]["position"])

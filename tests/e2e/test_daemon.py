@@ -13,12 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import safetensors.numpy
 
 from everlearn.buffers import UniformReservoir
+from everlearn.buffers.persist import from_files
 from everlearn.daemon import demo
 from everlearn.daemon.holdout import held_out
-from everlearn.daemon.service import ARRAYS, DAEMON_STATE, buffer_digest
+from everlearn.daemon.service import DAEMON_STATE, buffer_digest
 from everlearn.learners import CheckpointStore, build_tokenizer
 from everlearn.learners.model import ModelConfig
 from tests.e2e.helpers import EVERLEARN, DaemonProcess, get_json, post_json, tiny_config, wait_for
@@ -41,10 +41,8 @@ def _write_stream(stream: Path, name: str, domain: str, docs: list[tuple[str, st
 
 def _checkpoint_state(store: CheckpointStore, ref, seq_len: int, capacity: int):
     state = json.loads(store.read(ref, DAEMON_STATE))
-    arrays = safetensors.numpy.load(store.read(ref, ARRAYS))
     buf = UniformReservoir(capacity, seq_len)
-    buf.load_state_dict({"meta": state["arrays_meta"]["buffer"],
-                         "arrays": {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("buffer.")}})
+    buf.load_state_dict(from_files("buffer", lambda name: store.read(ref, name)))
     return state, buf
 
 
