@@ -46,9 +46,9 @@ class SequenceSlots:
 
     def check(self, items: Sequence[np.ndarray]) -> None:
         """Refuse a batch with a sequence longer than ``seq_len`` before any of it is taken."""
-        for seq in items:
-            if len(seq) > self.seq_len:
-                raise ValueError(f"sequence of {len(seq)} tokens exceeds seq_len={self.seq_len}; pack sequences first")
+        longest = max(map(len, items), default=0)  # one C-level pass: this runs for every offered item
+        if longest > self.seq_len:
+            raise ValueError(f"sequence of {longest} tokens exceeds seq_len={self.seq_len}; pack sequences first")
 
     def put(self, slot: int, seq: np.ndarray, domain_id: int, hash_: int = 0) -> None:
         n = len(seq)
