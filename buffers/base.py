@@ -26,6 +26,7 @@ class SlotBuffer:
         self._seen = 0
         self.duplicates = 0  # offers suppressed because an identical sequence was kept
         self._kept: dict[int, int] = {}  # content hash -> slot, only with dedup
+        self._offered: list[int] | None = None  # positions of the last batch that passed dedup (None: all)
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
     # -- the ReplayBuffer protocol -------------------------------------------
@@ -59,20 +60,26 @@ class SlotBuffer:
 
     # -- admission helpers ---------------------------------------------------
     def _prepare(self, items: Sequence[np.ndarray], domains: Sequence[str] | None) -> tuple[list[np.ndarray], list[int], list[int]]:
-        """Check the batch; with dedup, drop sequences already kept (or repeated in the batch)."""
+        """Check the batch; with dedup, drop sequences already kept (or repeated in the batch).
+
+        ``self._offered`` is left holding the batch positions that survived, for callers
+        with per-item data of their own (weights) to align.
+        """
         if domains is not None and len(domains) != len(items):
             raise ValueError(f"{len(items)} items but {len(domains)} domains")
         self.slots.check(items)
         dom_ids = [self.slots.domain_id(d) for d in domains] if domains is not None else [self.slots.domain_id("")] * len(items)
         if not self.dedup:
+            self._offered = None  # all of them
             return list(items), dom_ids, [0] * len(items)
-        keep_items, keep_doms, hashes, batch = [], [], [], set()
-        for seq, dom in zip(items, dom_ids, strict=True):
+        keep_items, keep_doms, hashes, batch, self._offered = [], [], [], set(), []
+        for pos, (seq, dom) in enumerate(zip(items, dom_ids, strict=True)):
             h = content_hash(seq)
             if h in self._kept or h in batch:
                 self.duplicates += 1
                 continue
             batch.add(h)
+            self._offered.append(pos)
             keep_items.append(seq)
             keep_doms.append(dom)
             hashes.append(h)

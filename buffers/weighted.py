@@ -52,12 +52,9 @@ class WeightedReservoir(SlotBuffer):
         w_all = np.asarray(weights, dtype=np.float64) if weights is not None else self.weights_for(domains, len(items))
         if len(w_all) != len(items):
             raise ValueError(f"{len(items)} items but {len(w_all)} weights")
-        if self.dedup:  # keep the weights aligned with what survives duplicate suppression
-            keep = self._dedup_mask(items)
-            items = [s for s, k in zip(items, keep, strict=True) if k]
-            domains = [d for d, k in zip(domains, keep, strict=True) if k] if domains is not None else None
-            w_all = w_all[keep]
         items, doms, hashes = self._prepare(items, domains)
+        if self._offered is not None:  # keep the weights aligned with what survived duplicate suppression
+            w_all = w_all[self._offered]
         n, pos = len(items), 0
         while self._size < self.capacity and pos < n:  # fill phase: every item with w > 0 enters with its key
             w = w_all[pos]
@@ -84,18 +81,6 @@ class WeightedReservoir(SlotBuffer):
             self._draw_jump()
             pos = i + 1
         self._seen += n
-
-    def _dedup_mask(self, items: Sequence[np.ndarray]) -> np.ndarray:
-        from everlearn.buffers.storage import content_hash
-
-        seen_now, keep = set(), np.ones(len(items), dtype=bool)
-        for k, seq in enumerate(items):
-            h = content_hash(seq)
-            if h in self._kept or h in seen_now:
-                keep[k] = False
-            seen_now.add(h)
-        self.duplicates += int((~keep).sum())
-        return keep
 
     def state_dict(self) -> dict[str, Any]:
         state = self._state({"x": self._x, "domain_weights": self.domain_weights, "default_weight": self.default_weight})

@@ -92,3 +92,9 @@ def test_non_positive_weights_never_enter():
     with pytest.raises(ValueError):
         WeightedReservoir(capacity=3, seq_len=1, domain_weights={"x": 0.0})
     assert buf.seen == 6
+
+
+def test_dedup_keeps_weights_aligned_with_the_surviving_items():
+    buf = WeightedReservoir(capacity=3, seq_len=1, seed=0, dedup=True)
+    buf.add_many(seqs([7, 7, 8]), weights=[1.0, 1.0, 0.0])  # 8 weighs 0: it must never enter
+    assert [int(s[0]) for s in buf.items()] == [7] and buf.duplicates == 1
