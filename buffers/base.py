@@ -59,31 +59,59 @@ class SlotBuffer:
         return int(self.slots.lengths[: self._size].sum())
 
     # -- admission helpers ---------------------------------------------------
-    def _prepare(self, items: Sequence[np.ndarray], domains: Sequence[str] | None) -> tuple[list[np.ndarray], list[int], list[int]]:
+    accepts_weights = False  # only weighted buffers take per-item weights
+
+    def _prepare(self, items: Sequence[np.ndarray] | np.ndarray, domains: Sequence[str] | None,
+                 weights: Sequence[float] | None = None) -> tuple[Sequence[np.ndarray], Sequence[str] | None, list[int] | None]:
         """Check the batch; with dedup, drop sequences already kept (or repeated in the batch).
 
-        ``self._offered`` is left holding the batch positions that survived, for callers
-        with per-item data of their own (weights) to align.
+        Returns the surviving items, their domains (None: all ``""``) and, with dedup,
+        their content hashes. ``self._offered`` holds the batch positions that
+        survived (None: all), for callers with per-item data of their own to align.
+        Domain names become ids only for items that are stored (``_domain_ids``).
         """
+        if weights is not None and not self.accepts_weights:
+            raise ValueError(f"a {self.kind} buffer does not weight items; set buffer.kind to weighted to use weights")
         if domains is not None and len(domains) != len(items):
             raise ValueError(f"{len(items)} items but {len(domains)} domains")
         self.slots.check(items)
-        dom_ids = [self.slots.domain_id(d) for d in domains] if domains is not None else [self.slots.domain_id("")] * len(items)
+        self._offered = None  # all of them
         if not self.dedup:
-            self._offered = None  # all of them
-            return list(items), dom_ids, [0] * len(items)
-        keep_items, keep_doms, hashes, batch, self._offered = [], [], [], set(), []
-        for pos, (seq, dom) in enumerate(zip(items, dom_ids, strict=True)):
+            return items, domains, None
+        keep, hashes, batch = [], [], set()
+        for pos, seq in enumerate(items):
             h = content_hash(seq)
             if h in self._kept or h in batch:
                 self.duplicates += 1
                 continue
             batch.add(h)
-            self._offered.append(pos)
-            keep_items.append(seq)
-            keep_doms.append(dom)
+            keep.append(pos)
             hashes.append(h)
-        return keep_items, keep_doms, hashes
+        self._offered = keep
+        if len(keep) == len(items):
+            return items, domains, hashes
+        kept_items = items[keep] if isinstance(items, np.ndarray) else [items[i] for i in keep]
+        return kept_items, ([domains[i] for i in keep] if domains is not None else None), hashes
+
+    def _domain_ids(self, domains: Sequence[str] | None, positions: Sequence[int]) -> list[int]:
+        if domains is None:
+            return [self.slots.domain_id("")] * len(positions)
+        return [self.slots.domain_id(domains[j]) for j in positions]
+
+    def _store_many(self, slots: Sequence[int], positions: Sequence[int], items, domains: Sequence[str] | None,
+                    hashes: list[int] | None) -> None:
+        """Store batch items ``positions`` in the distinct ``slots`` (one array assignment per field)."""
+        if isinstance(items, np.ndarray):
+            seqs = items[np.asarray(positions, dtype=np.intp)]
+        else:
+            seqs = [items[j] for j in positions]
+        hs: list[int] | int = [hashes[j] for j in positions] if hashes is not None else 0
+        if self.dedup:
+            for slot, h in zip(slots, hs, strict=True):
+                if slot < self._size:
+                    self._kept.pop(int(self.slots.hashes[slot]), None)
+                self._kept[h] = slot
+        self.slots.put_many(slots, seqs, self._domain_ids(domains, positions), hs)
 
     def _store(self, slot: int, seq: np.ndarray, dom: int, h: int) -> None:
         if self.dedup:
@@ -116,37 +144,3 @@ class SlotBuffer:
         self._kept = {int(h): i for i, h in enumerate(self.slots.hashes[: self._size])} if self.dedup else {}
         return meta
 
-
-class BlockUniforms:
-    """Uniform draws on (0, 1], served from blocks: one numpy call per block, not per draw.
-
-    A numpy scalar draw costs ~1-3 us here, more than the rest of an Algorithm L
-    admission. The state is the generator's state *before* the current block plus
-    the index into it, so a restore regenerates the block and continues exactly.
-    """
-
-    BLOCK = 4096
-
-    def __init__(self, seed: int):
-        self._gen = np.random.Generator(np.random.PCG64([seed, 0x5EED]))  # its own stream: sampling never shifts it
-        self._refill()
-
-    def _refill(self) -> None:
-        self._start = self._gen.bit_generator.state
-        self._block = (1.0 - self._gen.random(self.BLOCK)).tolist()  # (0, 1]: log() is always finite
-        self._i = 0
-
-    def __call__(self) -> float:
-        if self._i == self.BLOCK:
-            self._refill()
-        u = self._block[self._i]
-        self._i += 1
-        return u
-
-    def state(self) -> dict[str, Any]:
-        return {"start": self._start, "i": self._i}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self._gen.bit_generator.state = state["start"]
-        self._refill()
-        self._i = int(state["i"])

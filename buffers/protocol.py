@@ -22,7 +22,13 @@ class ReplayBuffer(Protocol):
 
     def __len__(self) -> int: ...
 
-    def add_many(self, items: Sequence[np.ndarray], domains: Sequence[str] | None = None) -> None: ...
+    def add_many(self, items: Sequence[np.ndarray] | np.ndarray, domains: Sequence[str] | None = None,
+                 weights: Sequence[float] | None = None) -> None:
+        """Offer sequences (a list, or a 2-D array of windows) in stream order, with their domains.
+
+        ``weights`` (per item) are for weighted buffers; the others refuse them.
+        """
+        ...
 
     def sample(self, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """``n`` kept sequences, uniformly with replacement, as an ``(n, seq_len)`` array."""

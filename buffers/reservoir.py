@@ -5,23 +5,96 @@ Every item of the stream ends up in the reservoir with probability ``k / n``.
 Instead of drawing a random number per item (Algorithm R), Algorithm L draws
 how many items to *skip* before the next admission, from a geometric law whose
 parameter ``W`` shrinks as the stream grows; the work per item falls like
-``k log(n / k) / n``. With ``u``, ``u'`` uniform on (0, 1):
+``k log(n / k) / n``. With ``u``, ``u'``, ``u''`` uniform on (0, 1]:
 
-    after the first k items:   W = u ** (1 / k)
-    skip before the next one:  floor(log(u) / log(1 - W))
-    on each admission:         replace a uniform slot;  W *= u' ** (1 / k)
+    1. when the first k items are in:   W = u ** (1 / k),  p = k - 1  (index of the last item taken)
+    2. next admission:                  p += floor(log(u') / log(1 - W)) + 1
+    3. it replaces slot                 floor(u'' * k)
+    4. then                             W *= u ** (1 / k);  back to 2.
 
 ``W`` is the largest of the k smallest uniform keys of the items seen so far,
-so a resized or restored reservoir restarts it from ``Beta(k, n - k + 1)``.
+so a state without it restarts it from its law, ``Beta(k, n - k + 1)``.
+
+Steps 2-4 depend on the stream only through ``p``, so admissions are planned
+ahead in blocks with a few numpy calls (``AdmissionPlan``): a batch then costs
+one comparison per admission and one array assignment per field, however many
+items it skips.
 """
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from everlearn.buffers.base import BlockUniforms, SlotBuffer
+from everlearn.buffers.base import SlotBuffer
+
+NEVER = float(2**62)  # a stream index beyond any stream: planned admissions past it never happen
+
+
+class AdmissionPlan:
+    """Algorithm L's next admissions (stream index, slot), planned ``BLOCK`` at a time.
+
+    Its own random stream, so sampling never shifts it. The state is the
+    generator state, ``log W`` and ``p`` *before* the current block plus the index
+    into it: a restore replans the block and continues exactly.
+    """
+
+    BLOCK = 1024  # admissions per plan: one numpy pass, a few hundred microseconds
+
+    def __init__(self, capacity: int, seed: int):
+        self.k = capacity
+        self._gen = np.random.Generator(np.random.PCG64([seed, 0x5EED]))
+        self.positions: list[int] = []  # stream index of each planned admission (increasing)
+        self.slots: list[int] = []
+        self.i = 0  # next planned admission not yet reached by the stream
+        self._log_w, self._p = 0.0, 0  # log W and p after the current block
+        self._start: dict[str, Any] | None = None  # (generator state, log W, p) before the current block
+
+    def start(self, last_index: int, w: float | None = None) -> None:
+        """The reservoir is full with item ``last_index``; plan from there (``W`` drawn, or given)."""
+        log_w = math.log(1.0 - self._gen.random()) / self.k if w is None else math.log(w)  # 1.
+        self._plan(log_w, last_index)
+
+    def _plan(self, log_w0: float, p: int) -> None:
+        self._start = {"rng": self._gen.bit_generator.state, "log_w": log_w0, "p": p}
+        u = 1.0 - self._gen.random((3, self.BLOCK))  # (0, 1]: every log is finite
+        log_w = log_w0 + np.concatenate(([0.0], np.cumsum(np.log(u[0]) / self.k)))  # log W at each admission, 4.
+        with np.errstate(divide="ignore", over="ignore"):  # W underflows ~1e300 items ahead: skip = inf
+            skips = np.floor(np.log(u[1]) / np.log1p(-np.exp(log_w[:-1])))  # 2.
+            # float64 sums of integers are exact below 2**53 items; later ones are never reached
+            positions = np.minimum(p + np.cumsum(skips + 1.0), NEVER).astype(np.int64)
+        self.positions = positions.tolist()
+        self.slots = np.minimum((u[2] * self.k).astype(np.int64), self.k - 1).tolist()  # 3.
+        self.i = 0
+        self._log_w, self._p = float(log_w[-1]), self.positions[-1]
+
+    def admissions(self, end: int) -> tuple[list[int], list[int]]:
+        """Planned admissions with stream index < ``end``: (stream indices, slots); consumes them."""
+        pos_out: list[int] = []
+        slot_out: list[int] = []
+        while True:
+            positions, i = self.positions, self.i
+            j = bisect.bisect_left(positions, end, i)
+            pos_out += positions[i:j]
+            slot_out += self.slots[i:j]
+            self.i = j
+            if j < len(positions):
+                return pos_out, slot_out
+            self._plan(self._log_w, self._p)
+
+    @property
+    def started(self) -> bool:
+        return self._start is not None
+
+    def state(self) -> dict[str, Any] | None:
+        return None if self._start is None else dict(self._start, i=self.i)
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._gen.bit_generator.state = state["rng"]
+        self._plan(float(state["log_w"]), int(state["p"]))
+        self.i = int(state["i"])
 
 
 class UniformReservoir(SlotBuffer):
@@ -29,46 +102,33 @@ class UniformReservoir(SlotBuffer):
 
     def __init__(self, capacity: int, seq_len: int, seed: int = 0, dedup: bool = False):
         super().__init__(capacity, seq_len, seed, dedup)
-        self._u = BlockUniforms(seed)  # admission draws; sampling uses the base generator
-        self._w = 0.0  # Algorithm L's W; 0 until the reservoir is full
-        self._next = 0  # stream index (0-based, over admitted-eligible items) of the next admission
+        self._plan = AdmissionPlan(capacity, seed)  # admission draws; sampling uses the base generator
 
-    def _skip(self) -> int:
-        u = self._u()
-        return int(math.log(u) / math.log1p(-self._w)) if self._w > 0 else 0  # both logs <= 0: int() floors
-
-    def _advance(self) -> None:
-        self._w *= math.exp(math.log(self._u()) / self.capacity)
-        self._next += self._skip() + 1
-
-    def add_many(self, items: Sequence[np.ndarray], domains: Sequence[str] | None = None) -> None:
-        items, doms, hashes = self._prepare(items, domains)
+    def add_many(self, items: Sequence[np.ndarray] | np.ndarray, domains: Sequence[str] | None = None,
+                 weights: Sequence[float] | None = None) -> None:
+        items, domains, hashes = self._prepare(items, domains, weights)
         base, n = self._seen, len(items)
-        i = 0
-        while self._size < self.capacity and i < n:  # fill phase: everything is kept
-            self._store(self._size, items[i], doms[i], hashes[i])
-            self._size += 1
-            i += 1
+        fill = min(n, self.capacity - self._size)
+        if fill:  # fill phase: everything is kept, in stream order
+            self._store_many(range(self._size, self._size + fill), range(fill), items, domains, hashes)
+            self._size += fill
             if self._size == self.capacity:
-                self._w = math.exp(math.log(self._u()) / self.capacity)
-                self._next = base + i + self._skip()
-        end = base + n
-        while self._size == self.capacity and self._next < end:  # skip phase: only admissions cost work
-            j = self._next - base
-            slot = min(int((1.0 - self._u()) * self.capacity), self.capacity - 1)
-            self._store(slot, items[j], doms[j], hashes[j])
-            self._advance()
-        self._seen = end
+                self._plan.start(base + fill - 1)
+        if self._size == self.capacity and fill < n:  # skip phase: only admissions cost work
+            positions, slots = self._plan.admissions(base + n)
+            if positions:
+                # a later admission to a slot replaces an earlier one of the same batch: keep the last
+                chosen = dict(zip(slots, positions, strict=True))
+                self._store_many(list(chosen), [p - base for p in chosen.values()], items, domains, hashes)
+        self._seen = base + n
 
     def state_dict(self) -> dict[str, Any]:
-        return self._state({"w": self._w, "next": self._next, "uniforms": self._u.state()})
+        return self._state({"plan": self._plan.state()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         meta = self._load(state)
-        if "uniforms" in meta:
-            self._u.load(meta["uniforms"])
-        if "w" in meta:
-            self._w, self._next = float(meta["w"]), int(meta["next"])
+        self._plan = AdmissionPlan(self.capacity, self.seed)
+        if meta.get("plan") is not None:
+            self._plan.load(meta["plan"])
         elif self._size == self.capacity:  # a state without Algorithm L's variables: restart W from its law
-            self._w = float(self._rng.beta(self.capacity, self._seen - self.capacity + 1))
-            self._next = self._seen + self._skip()
+            self._plan.start(self._seen - 1, w=float(self._rng.beta(self.capacity, self._seen - self.capacity + 1)))

@@ -46,7 +46,12 @@ class SequenceSlots:
 
     def check(self, items: Sequence[np.ndarray]) -> None:
         """Refuse a batch with a sequence longer than ``seq_len`` before any of it is taken."""
-        longest = max(map(len, items), default=0)  # one C-level pass: this runs for every offered item
+        if isinstance(items, np.ndarray):  # a 2-D batch of windows: its shape says it all
+            if items.ndim != 2:
+                raise ValueError(f"a batch array must be 2-D (sequences x tokens), got shape {items.shape}")
+            longest = items.shape[1] if len(items) else 0
+        else:
+            longest = max(map(len, items), default=0)  # one C-level pass: this runs for every offered item
         if longest > self.seq_len:
             raise ValueError(f"sequence of {longest} tokens exceeds seq_len={self.seq_len}; pack sequences first")
 
@@ -61,6 +66,28 @@ class SequenceSlots:
         self.lengths[slot] = n
         self.domain_ids[slot] = domain_id
         self.hashes[slot] = hash_
+
+    def put_many(self, slots: Sequence[int], seqs: Sequence[np.ndarray] | np.ndarray, domain_ids: Sequence[int] | int,
+                 hashes: Sequence[int] | int = 0) -> None:
+        """Store ``seqs[i]`` in ``slots[i]`` with one array assignment per field; ``slots`` must be distinct."""
+        if len(slots) == 0:
+            return
+        idx = np.asarray(slots, dtype=np.intp)
+        if isinstance(seqs, np.ndarray) and seqs.shape[1] == self.seq_len:  # packed windows: no padding to do
+            self.tokens[idx] = seqs
+            lengths = self.seq_len
+        else:
+            lengths = np.fromiter(map(len, seqs), dtype=np.int32, count=len(seqs))
+            if (lengths == self.seq_len).all():
+                self.tokens[idx] = np.stack(seqs)
+            else:
+                rows = np.full((len(seqs), self.seq_len), PAD_ID, dtype=np.int32)
+                for r, (seq, n) in enumerate(zip(seqs, lengths.tolist(), strict=True)):
+                    rows[r, :n] = seq
+                self.tokens[idx] = rows
+        self.lengths[idx] = lengths
+        self.domain_ids[idx] = domain_ids
+        self.hashes[idx] = hashes
 
     def gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[idx], self.lengths[idx]

@@ -63,8 +63,12 @@ class StratifiedReservoir(SlotBuffer):
                 self._kept[h] = slot
         self._size -= 1
 
-    def add_many(self, items: Sequence[np.ndarray], domains: Sequence[str] | None = None) -> None:
-        items, doms, hashes = self._prepare(items, domains)
+    def add_many(self, items: Sequence[np.ndarray] | np.ndarray, domains: Sequence[str] | None = None,
+                 weights: Sequence[float] | None = None) -> None:
+        items, domains, hashes = self._prepare(items, domains, weights)
+        doms = self._domain_ids(domains, range(len(items)))  # every offer counts toward its domain
+        if hashes is None:
+            hashes = [0] * len(items)
         if len(self.seen_by_domain) < len(self.slots.domains):  # new domains: their share now
             self.seen_by_domain += [0] * (len(self.slots.domains) - len(self.seen_by_domain))
             self._requota()

@@ -41,45 +41,52 @@ class WeightedReservoir(SlotBuffer):
     def _draw_jump(self) -> None:
         self._x = math.log(self._rng.random()) / self._threshold()  # both logs < 0
 
+    accepts_weights = True
+
     def weights_for(self, domains: Sequence[str] | None, n: int) -> np.ndarray:
         if domains is None:
             return np.full(n, self.default_weight)
         return np.array([self.domain_weights.get(d, self.default_weight) for d in domains], dtype=np.float64)
 
-    def add_many(self, items: Sequence[np.ndarray], domains: Sequence[str] | None = None,
+    def add_many(self, items: Sequence[np.ndarray] | np.ndarray, domains: Sequence[str] | None = None,
                  weights: Sequence[float] | None = None) -> None:
-        """Offer items; ``weights`` (per item) override the per-domain weights."""
-        w_all = np.asarray(weights, dtype=np.float64) if weights is not None else self.weights_for(domains, len(items))
-        if len(w_all) != len(items):
-            raise ValueError(f"{len(items)} items but {len(w_all)} weights")
-        items, doms, hashes = self._prepare(items, domains)
-        if self._offered is not None:  # keep the weights aligned with what survived duplicate suppression
+        """Offer items; ``weights`` (per item, >= 0; 0 is never kept) override the per-domain weights."""
+        if weights is not None:
+            w_all = np.asarray(weights, dtype=np.float64)
+            if w_all.shape != (len(items),):
+                raise ValueError(f"{len(items)} items but {w_all.size} weights")
+            if not np.all(np.isfinite(w_all) & (w_all >= 0)):
+                raise ValueError("weights must be finite and >= 0")
+        items, domains, hashes = self._prepare(items, domains, weights)
+        if weights is None:
+            w_all = self.weights_for(domains, len(items))
+        elif self._offered is not None:  # keep the weights aligned with what survived duplicate suppression
             w_all = w_all[self._offered]
         n, pos = len(items), 0
         while self._size < self.capacity and pos < n:  # fill phase: every item with w > 0 enters with its key
             w = w_all[pos]
             if w > 0:
                 self.log_keys[self._size] = math.log(self._rng.random()) / w
-                self._store(self._size, items[pos], doms[pos], hashes[pos])
+                self._store_many([self._size], [pos], items, domains, hashes)
                 self._size += 1
                 if self._size == self.capacity:
                     self._draw_jump()
             pos += 1
-        while pos < n:  # jump phase
-            cum = np.cumsum(np.where(w_all[pos:] > 0, w_all[pos:], 0.0))
-            j = int(np.searchsorted(cum, self._x, side="left"))
-            if j >= len(cum):
-                self._x -= float(cum[-1])
-                break
-            i = pos + j
-            w = w_all[i]
-            t = math.exp(w * self._threshold())
-            r = self._rng.uniform(t, 1.0)
-            slot = int(np.argmin(self.log_keys[: self._size]))
-            self.log_keys[slot] = math.log(r) / w
-            self._store(slot, items[i], doms[i], hashes[i])
-            self._draw_jump()
-            pos = i + 1
+        if pos < n:  # jump phase: skip ``_x`` of weight, admit the item it lands in
+            cum = np.cumsum(w_all[pos:])  # weight passed by the end of each remaining item
+            passed = 0.0
+            while True:
+                j = int(np.searchsorted(cum, passed + self._x, side="left"))
+                if j >= len(cum):
+                    self._x -= float(cum[-1]) - passed
+                    break
+                i, w = pos + j, w_all[pos + j]
+                slot = int(np.argmin(self.log_keys[: self._size]))
+                t = math.exp(w * self.log_keys[slot])  # the key to beat, T, as a uniform draw: T ** w
+                self.log_keys[slot] = math.log(self._rng.uniform(t, 1.0)) / w
+                self._store_many([slot], [i], items, domains, hashes)
+                self._draw_jump()
+                passed = float(cum[j])
         self._seen += n
 
     def state_dict(self) -> dict[str, Any]:

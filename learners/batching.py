@@ -119,4 +119,4 @@ class ReplayMixer:
 
     def remember(self, fresh: np.ndarray, domains: list[str]) -> None:
         """Fresh windows enter the reservoir after they are trained on."""
-        self.buffer.add_many(list(fresh), domains)
+        self.buffer.add_many(fresh, domains)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from everlearn.buffers import ReplayBuffer, UniformReservoir
+from everlearn.buffers.reservoir import AdmissionPlan
 from everlearn.buffers.storage import PAD_ID
 
 pytestmark = pytest.mark.unit
@@ -268,6 +269,48 @@ def test_state_dict_is_a_snapshot():
     assert state["meta"]["seen"] == 40
 
 
+def test_restore_in_the_middle_of_a_plan_block(monkeypatch):
+    monkeypatch.setattr(AdmissionPlan, "BLOCK", 5)
+    src = UniformReservoir(capacity=3, seq_len=1, seed=4)
+    src.add_many(seqs(range(50)))
+    assert src._plan.i not in (0, 5)  # stopped inside a block, so the restore must replan it and skip ahead
+    dst = UniformReservoir(capacity=3, seq_len=1, seed=8)
+    dst.load_state_dict(json.loads(json.dumps({"arrays": {}, "meta": src.state_dict()["meta"]})) | {"arrays": src.state_dict()["arrays"]})
+    for start in range(50, 5000, 97):
+        for buf in (src, dst):
+            buf.add_many(seqs(range(start, start + 97)))
+        assert [int(s[0]) for s in src.items()] == [int(s[0]) for s in dst.items()]
+
+
+def test_state_without_plan_restarts_w_from_its_law():
+    """A full reservoir whose state lacks Algorithm L's variables still admits at the k/n rate."""
+    k, n, trials = 4, 400, 300
+    admitted = 0
+    for seed in range(trials):
+        buf = UniformReservoir(capacity=k, seq_len=1, seed=seed)
+        buf.add_many(seqs(range(n)))
+        state = buf.state_dict()
+        state["meta"].pop("plan")
+        restored = UniformReservoir(capacity=k, seq_len=1, seed=seed)
+        restored.load_state_dict(state)
+        restored.add_many(seqs(range(n, 2 * n)))
+        admitted += sum(int(s[0]) >= n for s in restored.items())
+    # each of the k slots holds a late item with probability 1/2 (n of 2n items): mean k/2 per trial
+    mean, sd = trials * k / 2, math.sqrt(trials * k * 0.25 * (2 * n - k) / (2 * n - 1))
+    assert abs(admitted - mean) < 4 * sd, (admitted, mean)
+
+
+def test_admissions_of_one_batch_to_the_same_slot_keep_the_last():
+    """Plans of 1 admission with k = 1: many admissions fall in one batch, the latest must win."""
+    for seed in range(20):
+        one = UniformReservoir(capacity=1, seq_len=1, seed=seed)
+        one.add_many(seqs(range(300)))
+        steps = UniformReservoir(capacity=1, seq_len=1, seed=seed)
+        for v in range(300):
+            steps.add_many(seqs([v]))
+        assert one.items()[0][0] == steps.items()[0][0]
+
+
 def test_load_state_dict_rejects_wrong_shape():
     state = _filled().state_dict()
     with pytest.raises(ValueError):
@@ -369,9 +412,15 @@ def is_uniform(inclusions: np.ndarray) -> bool:
     return chi_ok and z_ok
 
 
-@pytest.fixture(scope="module")
-def everlearn_inclusions():
-    return reservoir_inclusions(admit_everlearn)
+@pytest.fixture(scope="module", params=[AdmissionPlan.BLOCK, 2], ids=["block-1024", "block-2"])
+def everlearn_inclusions(request):
+    """Inclusions with the real plan size, and with plans of 2 so that every batch crosses blocks."""
+    saved = AdmissionPlan.BLOCK
+    AdmissionPlan.BLOCK = request.param
+    try:
+        return reservoir_inclusions(admit_everlearn)
+    finally:
+        AdmissionPlan.BLOCK = saved
 
 
 def test_inclusion_counts_pass_chi_square(everlearn_inclusions):
