@@ -63,18 +63,22 @@ class WeightedReservoir(SlotBuffer):
         elif self._offered is not None:  # keep the weights aligned with what survived duplicate suppression
             w_all = w_all[self._offered]
         n, pos = len(items), 0
-        while self._size < self.capacity and pos < n:  # fill phase: every item with w > 0 enters with its key
-            w = w_all[pos]
-            if w > 0:
-                self.log_keys[self._size] = math.log(self._rng.random()) / w
-                self._store_many([self._size], [pos], items, domains, hashes)
-                self._size += 1
-                if self._size == self.capacity:
-                    self._draw_jump()
-            pos += 1
+        if self._size < self.capacity:  # fill phase: every item with w > 0 enters with its key
+            take = np.flatnonzero(w_all > 0)[: self.capacity - self._size]
+            if len(take):
+                slots = range(self._size, self._size + len(take))
+                self.log_keys[slots.start : slots.stop] = np.log(1.0 - self._rng.random(len(take))) / w_all[take]
+                self._store_many(slots, take.tolist(), items, domains, hashes)
+                self._size += len(take)
+            if self._size == self.capacity:
+                self._draw_jump()
+                pos = int(take[-1]) + 1
+            else:
+                pos = n
         if pos < n:  # jump phase: skip ``_x`` of weight, admit the item it lands in
             cum = np.cumsum(w_all[pos:])  # weight passed by the end of each remaining item
             passed = 0.0
+            chosen: dict[int, int] = {}  # slot -> batch position; a later admission to a slot replaces an earlier one
             while True:
                 j = int(np.searchsorted(cum, passed + self._x, side="left"))
                 if j >= len(cum):
@@ -84,9 +88,10 @@ class WeightedReservoir(SlotBuffer):
                 slot = int(np.argmin(self.log_keys[: self._size]))
                 t = math.exp(w * self.log_keys[slot])  # the key to beat, T, as a uniform draw: T ** w
                 self.log_keys[slot] = math.log(self._rng.uniform(t, 1.0)) / w
-                self._store_many([slot], [i], items, domains, hashes)
+                chosen[slot] = i
                 self._draw_jump()
                 passed = float(cum[j])
+            self._store_many(list(chosen), list(chosen.values()), items, domains, hashes)
         self._seen += n
 
     def state_dict(self) -> dict[str, Any]:
