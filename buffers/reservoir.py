@@ -43,22 +43,27 @@ class AdmissionPlan:
 
     BLOCK = 1024  # admissions per plan: one numpy pass, a few hundred microseconds
 
-    def __init__(self, capacity: int, seed: int):
-        self.k = capacity
-        self._gen = np.random.Generator(np.random.PCG64([seed, 0x5EED]))
+    def __init__(self, seed: int, stream: int = 0):
+        self.k = 0  # reservoir size; set by ``start``
+        self._gen = np.random.Generator(np.random.PCG64([seed, 0x5EED, stream]))
         self.positions: list[int] = []  # stream index of each planned admission (increasing)
         self.slots: list[int] = []
         self.i = 0  # next planned admission not yet reached by the stream
         self._log_w, self._p = 0.0, 0  # log W and p after the current block
         self._start: dict[str, Any] | None = None  # (generator state, log W, p) before the current block
 
-    def start(self, last_index: int, w: float | None = None) -> None:
-        """The reservoir is full with item ``last_index``; plan from there (``W`` drawn, or given)."""
+    def start(self, capacity: int, last_index: int, w: float | None = None) -> None:
+        """A reservoir of ``capacity`` is full with item ``last_index``; plan from there (``W`` drawn, or given).
+
+        Also restarts a plan (another capacity, a ``W`` from its law): the generator goes on, so
+        the new plan's draws are independent of the old one's.
+        """
+        self.k = capacity
         log_w = math.log(1.0 - self._gen.random()) / self.k if w is None else math.log(w)  # 1.
         self._plan(log_w, last_index)
 
     def _plan(self, log_w0: float, p: int) -> None:
-        self._start = {"rng": self._gen.bit_generator.state, "log_w": log_w0, "p": p}
+        self._start = {"rng": self._gen.bit_generator.state, "log_w": log_w0, "p": p, "k": self.k}
         u = 1.0 - self._gen.random((3, self.BLOCK))  # (0, 1]: every log is finite
         log_w = log_w0 + np.concatenate(([0.0], np.cumsum(np.log(u[0]) / self.k)))  # log W at each admission, 4.
         with np.errstate(divide="ignore", over="ignore"):  # W underflows ~1e300 items ahead: skip = inf
@@ -93,8 +98,14 @@ class AdmissionPlan:
 
     def load(self, state: dict[str, Any]) -> None:
         self._gen.bit_generator.state = state["rng"]
+        self.k = int(state["k"])
         self._plan(float(state["log_w"]), int(state["p"]))
         self.i = int(state["i"])
+
+
+def w_from_law(rng: np.random.Generator, k: int, n: int) -> float:
+    """Algorithm L's ``W`` for a uniform k-sample of n items: the k-th smallest of n uniform keys."""
+    return float(rng.beta(k, n - k + 1))
 
 
 class UniformReservoir(SlotBuffer):
@@ -102,7 +113,7 @@ class UniformReservoir(SlotBuffer):
 
     def __init__(self, capacity: int, seq_len: int, seed: int = 0, dedup: bool = False):
         super().__init__(capacity, seq_len, seed, dedup)
-        self._plan = AdmissionPlan(capacity, seed)  # admission draws; sampling uses the base generator
+        self._plan = AdmissionPlan(seed)  # admission draws; sampling uses the base generator
 
     def add_many(self, items: Sequence[np.ndarray] | np.ndarray, domains: Sequence[str] | None = None,
                  weights: Sequence[float] | None = None) -> None:
@@ -113,7 +124,7 @@ class UniformReservoir(SlotBuffer):
             self._store_many(range(self._size, self._size + fill), range(fill), items, domains, hashes)
             self._size += fill
             if self._size == self.capacity:
-                self._plan.start(base + fill - 1)
+                self._plan.start(self.capacity, base + fill - 1)
         if self._size == self.capacity and fill < n:  # skip phase: only admissions cost work
             positions, slots = self._plan.admissions(base + n)
             if positions:
@@ -127,8 +138,8 @@ class UniformReservoir(SlotBuffer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         meta = self._load(state)
-        self._plan = AdmissionPlan(self.capacity, self.seed)
+        self._plan = AdmissionPlan(self.seed)
         if meta.get("plan") is not None:
             self._plan.load(meta["plan"])
         elif self._size == self.capacity:  # a state without Algorithm L's variables: restart W from its law
-            self._plan.start(self._seen - 1, w=float(self._rng.beta(self.capacity, self._seen - self.capacity + 1)))
+            self._plan.start(self.capacity, self._seen - 1, w=w_from_law(self._rng, self.capacity, self._seen))
