@@ -1,4 +1,4 @@
-"""Benchmark of the uniform replay reservoir (``everlearn.buffers.UniformReservoir``).
+"""Benchmark of the replay reservoirs (``everlearn.buffers``): uniform, weighted, stratified.
 
 It measures and reports; it never asserts a timing (the targets are shown next
 to the numbers, marked met or missed).
@@ -15,9 +15,13 @@ What is measured
    not timed. Cost = wall time of the whole stream (from an empty reservoir,
    fill phase included) / N; median of 3 repeats.
    DESIGN target: speed-up R/L >= 10x at N/k >= 100.
+   The same streams into every buffer kind, with three domains passed as the
+   daemon passes them (weighted: domain weights 2/1/1; stratified: equal
+   quotas), to show what each kind costs per item.
 2. Resident memory over 1M inserts at fixed capacity (k = 2048,
-   seq_len = 256): VmRSS from /proc/self/status every 50k inserts after a
-   warm-up of 100k. Growth = (max - start) / start. Target: < 5 %.
+   seq_len = 256), for each kind: VmRSS from /proc/self/status every 50k
+   inserts after a warm-up of 100k. Growth = (max - start) / start.
+   Target: < 5 %.
 3. Latency of drawing a training batch, ``sample_with_lengths(n)`` for
    n in {2, 8, 64} from a full buffer (k = 2048, seq_len = 256): median and
    p99 over 2000 calls, in microseconds.
@@ -48,10 +52,16 @@ from typing import Any
 
 import numpy as np
 
-from everlearn.buffers import UniformReservoir
+from everlearn.buffers import StratifiedReservoir, UniformReservoir, WeightedReservoir
 
 BATCH = 256  # items per add_many call
 POOL = 4096  # distinct pre-built sequences, cycled through
+DOMAINS = [("a", "b", "c")[i % 3] for i in range(BATCH)]  # the domains of every batch's items
+KINDS: dict[str, Callable[[int, int, int], Any]] = {
+    "uniform": lambda k, seq_len, seed: UniformReservoir(k, seq_len, seed),
+    "weighted": lambda k, seq_len, seed: WeightedReservoir(k, seq_len, seed, domain_weights={"a": 2.0}),
+    "stratified": lambda k, seq_len, seed: StratifiedReservoir(k, seq_len, seed),
+}
 SPEEDUP_TARGET = 10.0  # R / L at N/k >= 100
 RSS_GROWTH_TARGET_PCT = 5.0
 
@@ -108,14 +118,20 @@ def make_batches(seq_len: int, seed: int) -> list[list[np.ndarray]]:
     return [pool[i : i + BATCH] for i in range(0, POOL, BATCH)]
 
 
-def feed(buf: Any, batches: list[list[np.ndarray]], n_items: int) -> None:
+def feed(buf: Any, batches: list[list[np.ndarray]], n_items: int, domains: bool = False) -> None:
     """Offer ``n_items`` items (cycling the batches); the last batch may be partial."""
     nb = len(batches)
     full, rest = divmod(n_items, BATCH)
     for b in range(full):
-        buf.add_many(batches[b % nb])
+        if domains:
+            buf.add_many(batches[b % nb], DOMAINS)
+        else:
+            buf.add_many(batches[b % nb])
     if rest:
-        buf.add_many(batches[full % nb][:rest])
+        if domains:
+            buf.add_many(batches[full % nb][:rest], DOMAINS[:rest])
+        else:
+            buf.add_many(batches[full % nb][:rest])
 
 
 def rss_kib() -> int:
@@ -184,17 +200,39 @@ def bench_insert(k: int, seq_len: int, ratios: list[int], repeats: int, r_repeat
     return rows
 
 
-# -- 2. RSS at fixed capacity --------------------------------------------------
-def bench_rss(k: int, seq_len: int, total: int, warmup: int, every: int, seed: int) -> dict[str, Any]:
+def bench_kinds(k: int, seq_len: int, ratios: list[int], repeats: int, seed: int) -> list[dict[str, Any]]:
+    """ns per item of every buffer kind, domains passed; median of ``repeats`` streams from empty."""
     batches = make_batches(seq_len, seed)
+    rows = []
+    for kind, make in KINDS.items():
+        feed(make(k, seq_len, seed), batches, 4 * k, domains=True)  # warm up code paths
+        for ratio in ratios:
+            n = ratio * k
+            runs_ns = []
+            for rep in range(repeats):
+                buf = make(k, seq_len, seed + rep)
+                runs_ns.append(timed(lambda buf=buf, n=n: feed(buf, batches, n, domains=True)))
+                if buf.seen != n or len(buf) != k:
+                    raise RuntimeError(f"{kind}: seen={buf.seen} len={len(buf)}, expected {n}, {k}")
+            row = {"kind": kind, "k": k, "N_over_k": ratio, "N": n, "repeats": repeats,
+                   "ns_per_item": statistics.median(runs_ns) / n, "ns_per_item_runs": [t / n for t in runs_ns]}
+            rows.append(row)
+            print(f"  {kind:>10} N/k={ratio:>5}: {row['ns_per_item']:9.1f} ns/item", flush=True)
+    return rows
+
+
+# -- 2. RSS at fixed capacity --------------------------------------------------
+def bench_rss(kind: str, k: int, seq_len: int, total: int, warmup: int, every: int, seed: int) -> dict[str, Any]:
+    batches = make_batches(seq_len, seed)
+    gc.collect()
     rss_before = rss_kib()
-    buf = UniformReservoir(k, seq_len, seed)
+    buf = KINDS[kind](k, seq_len, seed)
     nb, done, next_mark = len(batches), 0, warmup
     samples: list[tuple[int, int]] = []
     t0 = time.perf_counter()
     while done < total:
         batch = batches[(done // BATCH) % nb][: total - done]
-        buf.add_many(batch)
+        buf.add_many(batch, DOMAINS[: len(batch)])
         done += len(batch)
         if done >= next_mark:
             samples.append((done, rss_kib()))
@@ -203,7 +241,7 @@ def bench_rss(k: int, seq_len: int, total: int, warmup: int, every: int, seed: i
     rss = [r for _, r in samples]
     start, end, peak = rss[0], rss[-1], max(rss)
     return {
-        "k": k, "seq_len": seq_len, "inserts": total, "warmup": warmup, "every": every,
+        "kind": kind, "k": k, "seq_len": seq_len, "inserts": total, "warmup": warmup, "every": every,
         "buffer_bytes": buf.slots.nbytes, "rss_before_buffer_kib": rss_before,
         "samples": [{"inserts": i, "rss_kib": r} for i, r in samples],
         "start_kib": start, "end_kib": end, "max_kib": peak,
@@ -253,19 +291,32 @@ def render(res: dict[str, Any]) -> str:
         tgt = "-" if r["N_over_k"] < 100 else ("met" if r["speedup"] >= SPEEDUP_TARGET else "MISSED")
         out.append(f"| {r['N_over_k']} | {r['N']:,} | {r['L']['ns_per_item']:.1f} | "
                    f"{r['R']['ns_per_item']:.1f} | {r['speedup']:.1f}x | {tgt} |")
-    m = res["rss"]
-    tgt = "met" if m["growth_pct"] < RSS_GROWTH_TARGET_PCT else "MISSED"
+    kinds = res["kinds"]
+    ratios = sorted({r["N_over_k"] for r in kinds})
+    by = {(r["kind"], r["N_over_k"]): r["ns_per_item"] for r in kinds}
     out += ["",
-            f"### 2. RSS over {m['inserts']:,} inserts, k = {m['k']}, seq_len = {m['seq_len']}",
+            f"Every kind, three domains passed with each batch (weighted 2/1/1, stratified equal quotas), "
+            f"median of {kinds[0]['repeats']} runs, ns per item:",
             "",
-            f"VmRSS every {m['every']:,} inserts after a {m['warmup']:,}-insert warm-up; "
-            f"buffer arrays {m['buffer_bytes'] / 2**20:.2f} MiB; growth = (max - start) / start, "
+            "| kind | " + " | ".join(f"N/k = {r}" for r in ratios) + " |",
+            "|:---|" + "---:|" * len(ratios)]
+    for kind in KINDS:
+        out.append(f"| {kind} | " + " | ".join(f"{by[(kind, r)]:.1f}" for r in ratios) + " |")
+    rss = res["rss"]
+    m0 = rss[0]
+    out += ["",
+            f"### 2. RSS over {m0['inserts']:,} inserts, k = {m0['k']}, seq_len = {m0['seq_len']}",
+            "",
+            f"VmRSS every {m0['every']:,} inserts after a {m0['warmup']:,}-insert warm-up; "
+            f"buffer arrays {m0['buffer_bytes'] / 2**20:.2f} MiB; growth = (max - start) / start, "
             f"target < {RSS_GROWTH_TARGET_PCT:g} %.",
             "",
-            "| start (MiB) | end (MiB) | max (MiB) | growth | end vs start | target |",
-            "|---:|---:|---:|---:|---:|:---|",
-            f"| {m['start_kib'] / 1024:.1f} | {m['end_kib'] / 1024:.1f} | {m['max_kib'] / 1024:.1f} | "
-            f"{m['growth_pct']:+.2f} % | {m['end_growth_pct']:+.2f} % | {tgt} |"]
+            "| kind | start (MiB) | end (MiB) | max (MiB) | growth | end vs start | target |",
+            "|:---|---:|---:|---:|---:|---:|:---|"]
+    for m in rss:
+        tgt = "met" if m["growth_pct"] < RSS_GROWTH_TARGET_PCT else "MISSED"
+        out.append(f"| {m['kind']} | {m['start_kib'] / 1024:.1f} | {m['end_kib'] / 1024:.1f} | {m['max_kib'] / 1024:.1f} | "
+                   f"{m['growth_pct']:+.2f} % | {m['end_growth_pct']:+.2f} % | {tgt} |")
     s = res["sample"]
     out += ["",
             f"### 3. `sample_with_lengths(n)` from a full buffer, k = {res['sample_k']}, "
@@ -289,22 +340,30 @@ def plot(res: dict[str, Any], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not importable: no plot written"
-    ins, m = res["insert"], res["rss"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ins, kinds = res["insert"], res["kinds"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     ratios = [r["N_over_k"] for r in ins]
-    ax1.loglog(ratios, [r["L"]["ns_per_item"] for r in ins], "o-", label="Algorithm L (UniformReservoir)")
-    ax1.loglog(ratios, [r["R"]["ns_per_item"] for r in ins], "s-", label="naive Algorithm R")
-    ax1.set_xlabel("N / k")
-    ax1.set_ylabel("ns per inserted item")
+    ax1.loglog(ratios, [r["R"]["ns_per_item"] for r in ins], "s--", color="grey", label="naive Algorithm R")
+    ax1.loglog(ratios, [r["L"]["ns_per_item"] for r in ins], "o-", label="uniform: Algorithm L")
+    for kind, marker in (("weighted", "^-"), ("stratified", "v-")):
+        rows = [r for r in kinds if r["kind"] == kind]
+        ax1.loglog([r["N_over_k"] for r in rows], [r["ns_per_item"] for r in rows], marker, label=f"{kind} (3 domains)")
+    ax1.set_xlabel("N / k (stream length over capacity)")
+    ax1.set_ylabel("ns per offered item")
     ax1.set_title(f"Insert cost, k = {ins[0]['k']}, seq_len = {ins[0]['seq_len']}")
     ax1.legend()
     ax1.grid(True, which="both", alpha=0.3)
-    xs = [p["inserts"] for p in m["samples"]]
-    ax2.plot(xs, [p["rss_kib"] / 1024 for p in m["samples"]], "o-")
+    top = 0.0
+    for m in res["rss"]:
+        xs = [p["inserts"] for p in m["samples"]]
+        ys = [p["rss_kib"] / 1024 for p in m["samples"]]
+        ax2.plot(xs, ys, "o-", markersize=3, label=m["kind"])
+        top = max(top, *ys)
     ax2.set_xlabel("inserts")
-    ax2.set_ylabel("VmRSS (MiB)")
-    ax2.set_ylim(0, max(p["rss_kib"] for p in m["samples"]) / 1024 * 1.2)
-    ax2.set_title(f"RSS after warm-up, k = {m['k']}, seq_len = {m['seq_len']}")
+    ax2.set_ylabel("VmRSS of the process (MiB)")
+    ax2.set_ylim(0, top * 1.2)
+    ax2.set_title(f"Memory after warm-up, k = {res['rss'][0]['k']}, seq_len = {res['rss'][0]['seq_len']}")
+    ax2.legend()
     ax2.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -333,14 +392,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print("1. insert cost", flush=True)
     insert = bench_insert(1000, 64, ratios, repeats, min(args.r_repeats_big, repeats), args.seed)
+    kinds = bench_kinds(1000, 64, ratios, repeats, args.seed)
     print("2. RSS", flush=True)
-    rss = bench_rss(2048, 256, rss_total, rss_warmup, rss_every, args.seed)
+    rss = [bench_rss(kind, 2048, 256, rss_total, rss_warmup, rss_every, args.seed) for kind in KINDS]
     print("3. sampling latency", flush=True)
     sample = bench_sample(2048, 256, [2, 8, 64], calls, args.seed)
 
     res: dict[str, Any] = {
         "command": command_line(), "quick": args.quick, "machine": info,
-        "batch": BATCH, "pool": POOL, "insert": insert, "rss": rss, "sample": sample,
+        "batch": BATCH, "pool": POOL, "insert": insert, "kinds": kinds, "rss": rss, "sample": sample,
         "sample_k": 2048, "sample_seq_len": 256,
         "targets": {"speedup_at_N_over_k_ge_100": SPEEDUP_TARGET, "rss_growth_pct_lt": RSS_GROWTH_TARGET_PCT},
     }
@@ -357,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         res["plot"] = plot_msg
         print(plot_msg)
         md = [
-            "# Uniform reservoir benchmark" + (" (--quick smoke run)" if args.quick else ""),
+            "# Replay reservoir benchmark" + (" (--quick smoke run)" if args.quick else ""),
             "",
             "Generated by `bench/reservoir.py` (its docstring says what is measured and why). "
             "Timings are reported, never asserted.",

@@ -15,8 +15,9 @@ __all__ = ["PAD_ID", "BufferConfig", "ReplayBuffer", "SequenceSlots", "Stratifie
 
 def build_buffer(config: BufferConfig, seq_len: int) -> ReplayBuffer:
     """The replay buffer the config asks for."""
+    capacity = config.sequences(seq_len)
     if config.kind == "stratified":
-        return StratifiedReservoir(config.capacity, seq_len, config.seed, config.dedup, domain_weights=config.domain_weights)
+        return StratifiedReservoir(capacity, seq_len, config.seed, config.dedup, domain_weights=config.domain_weights)
     if config.kind == "weighted":
-        return WeightedReservoir(config.capacity, seq_len, config.seed, config.dedup, domain_weights=config.domain_weights)
-    return UniformReservoir(capacity=config.capacity, seq_len=seq_len, seed=config.seed, dedup=config.dedup)
+        return WeightedReservoir(capacity, seq_len, config.seed, config.dedup, domain_weights=config.domain_weights)
+    return UniformReservoir(capacity=capacity, seq_len=seq_len, seed=config.seed, dedup=config.dedup)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from everlearn.buffers import BufferConfig
+from everlearn.buffers.config import PROBLEM_SEPARATOR
 from everlearn.daemon.holdout import HoldoutConfig
 from everlearn.deploy import GateConfig, ServeConfig
 from everlearn.errors import ConfigError
@@ -97,10 +98,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
+        problems = []
         if self.model.name_or_path is None and self.model.max_position_embeddings < self.train.seq_len:
-            raise ValueError(f"model.max_position_embeddings ({self.model.max_position_embeddings}) must be >= train.seq_len ({self.train.seq_len})")
+            problems.append(f"model.max_position_embeddings ({self.model.max_position_embeddings}) must be >= train.seq_len ({self.train.seq_len})")
+        if self.buffer.capacity_tokens is not None and self.buffer.capacity_tokens < self.train.seq_len:
+            problems.append(f"buffer.capacity_tokens ({self.buffer.capacity_tokens}) holds less than one sequence of train.seq_len ({self.train.seq_len}) tokens")
         if self.metrics.port and self.metrics.port == self.serve.port and self.metrics.host == self.serve.host:
-            raise ValueError(f"metrics.port and serve.port are both {self.serve.port}; give them different ports")
+            problems.append(f"metrics.port and serve.port are both {self.serve.port}; give them different ports")
+        if problems:
+            raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
 
     @property
@@ -133,9 +139,9 @@ def _format(err: ValidationError, origin: dict[str, str]) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         src = origin.get(path, "")
-        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        got = "" if e["type"] == "missing" or isinstance(e["input"], dict) else f" (got {e['input']!r})"  # not a whole section
         hint = " — remove it or check its spelling; `everlearn validate --help` lists the fields" if e["type"] == "extra_forbidden" else ""
-        lines.append(f"  {path}: {e['msg']}{got}{hint}{src}")
+        lines.append(f"  {path}: {e['msg'].removeprefix('Value error, ')}{got}{hint}{src}")
     return "\n".join(lines)
 
 

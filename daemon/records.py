@@ -1,6 +1,7 @@
 """What flows from a source into the pipeline: raw records, decoded documents, rejections."""
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,19 +23,31 @@ class Document:
     text: str
     domain: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    weight: float | None = None  # replay weight from the record's ``buffer.weight_field``, if it has one
 
 
 @dataclass(frozen=True)
 class Rejection:
     """A record that cannot become a document; it goes to the dead-letter sink."""
 
-    reason: str  # short, stable: bad_utf8, bad_json, not_an_object, missing_text, too_large, empty
+    reason: str  # short, stable: bad_utf8, bad_json, not_an_object, missing_text, bad_field, bad_weight, too_large, empty
     detail: str
     record: RawRecord
 
 
-def decode(raw: RawRecord, max_doc_bytes: int) -> Document | Rejection:
-    """Validate one record: size, UTF-8, JSON shape; never raises on bad input."""
+def _as_weight(value: Any) -> float | None:
+    """``value`` as a replay weight (a finite float >= 0), or None when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        weight = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return weight if 0 <= weight < math.inf else None  # NaN fails both comparisons
+
+
+def decode(raw: RawRecord, max_doc_bytes: int, weight_field: str | None = None) -> Document | Rejection:
+    """Validate one record: size, UTF-8, JSON shape, and its weight when ``weight_field`` names one; never raises on bad input."""
     if len(raw.data) > max_doc_bytes:
         return Rejection("too_large", f"{len(raw.data)} bytes > source.max_doc_bytes={max_doc_bytes}", raw)
     try:
@@ -58,4 +71,11 @@ def decode(raw: RawRecord, max_doc_bytes: int) -> Document | Rejection:
     domain = obj.get("domain", raw.default_domain)
     if not isinstance(doc_id, str | int) or not isinstance(domain, str) or not domain:
         return Rejection("bad_field", "'id' must be a string or integer and 'domain' a non-empty string", raw)
-    return Document(str(doc_id), body, domain, raw.provenance)
+    weight = obj.get(weight_field) if weight_field is not None else None
+    if weight is not None:
+        value = _as_weight(weight)
+        if value is None:
+            shown = repr(weight) if len(repr(weight)) <= 40 else repr(weight)[:40] + "..."
+            return Rejection("bad_weight", f"{weight_field!r} (buffer.weight_field) must be a finite number >= 0, got {shown}", raw)
+        weight = value
+    return Document(str(doc_id), body, domain, raw.provenance, weight)

@@ -38,6 +38,7 @@ from everlearn.learners import (
     CheckpointStore,
     Learner,
     ReplayMixer,
+    ReplaySchedule,
     TokenPacker,
     build_tokenizer,
 )
@@ -65,7 +66,9 @@ class Daemon:
         self.store = CheckpointStore(cfg.checkpoint_url, cfg.checkpoint.storage_options)
         self.tokenizer = build_tokenizer(cfg.model)
         self.buffer = build_buffer(cfg.buffer, cfg.train.seq_len)
-        self.mixer = ReplayMixer(self.buffer, cfg.buffer.replay_fraction, cfg.train.batch_size)
+        b = cfg.buffer
+        replay = ReplaySchedule(b.replay_fraction, b.replay_boost, b.boost_steps, b.shift_window, b.shift_threshold)
+        self.mixer = ReplayMixer(self.buffer, replay, cfg.train.batch_size)
         self.packer = TokenPacker(cfg.train.seq_len, self.tokenizer.eos_id)
         self.holdout = HoldoutWindows(cfg.holdout, cfg.train.seq_len)
         self.dead_letters = DeadLetterSink(self.run_dir / "dead_letter.jsonl")
@@ -96,7 +99,9 @@ class Daemon:
             "tokens_per_s": round(self._tok_rate, 1),
             "loss": self._loss,
             "lr": self._lr,
-            "buffer": {"size": len(self.buffer), "capacity": self.buffer.capacity, "seen": self.buffer.seen},
+            "buffer": {"size": len(self.buffer), "capacity": self.buffer.capacity, "seen": self.buffer.seen,
+                       "tokens": self.buffer.tokens_held, "replay_fraction": round(self.mixer.schedule(self.step), 4),
+                       "last_shift_step": self.mixer.schedule.shift_step},
             "served_version": self.served.get("version"),
             "served_step": self.served.get("step"),
             "last_gate": self.last_gate,
@@ -178,6 +183,7 @@ class Daemon:
             self.served = self._promoted_record(0, ref)
             self._write_served()
         self.metrics.buffer_capacity.set(self.buffer.capacity)
+        self.metrics.buffer_capacity_tokens.set(self.buffer.capacity * self.buffer.seq_len)
         self._publish_served()
         self.server = Server(cfg.model, cfg.serve, cfg.checkpoint.storage_options)
         self.server.start(self.served)
@@ -202,9 +208,9 @@ class Daemon:
     def _loop(self, max_steps: int | None) -> None:
         taken = 0
         while not self.stop_event.is_set() and (max_steps is None or taken < max_steps):
-            if self.packer.windows_ready() < self.mixer.n_fresh():
+            if self.packer.windows_ready() < self.mixer.n_fresh(self.step):
                 got = self._ingest()
-                if self.packer.windows_ready() < self.mixer.n_fresh():
+                if self.packer.windows_ready() < self.mixer.n_fresh(self.step):
                     if not got:
                         self.state = "idle: waiting for documents"
                         self.progress.update(self.status())
@@ -223,7 +229,7 @@ class Daemon:
         raws = self.source.poll(self.cfg.source.max_records_per_poll)
         rejected: list[Rejection] = []
         for raw in raws:
-            doc = decode(raw, self.cfg.source.max_doc_bytes)
+            doc = decode(raw, self.cfg.source.max_doc_bytes, self.cfg.buffer.weight_field)
             if isinstance(doc, Rejection):
                 rejected.append(doc)
                 continue
@@ -245,13 +251,23 @@ class Daemon:
             self.counters["held_out"] += 1
             self.metrics.documents_held_out.inc()
         else:
-            self.packer.add(doc.id, doc.domain, tokens)
+            self.packer.add(doc.id, doc.domain, tokens, self._weight(doc))
+
+    def _weight(self, doc: Document) -> float | None:
+        """A document's replay weight: its record's ``buffer.weight_field``, else its domain's (weighted by field only)."""
+        if self.cfg.buffer.weight_field is None:
+            return None
+        return doc.weight if doc.weight is not None else self.cfg.buffer.domain_weights.get(doc.domain, 1.0)
 
     def _train_one(self) -> None:
-        fresh, lineage, domains = self.packer.take(self.mixer.n_fresh())
+        trained = self.step
+        fresh, lineage, domains, weights = self.packer.take(self.mixer.n_fresh(trained))
         tokens, lengths, n_replay = self.mixer.mix(fresh)
         stats = ray.get(self.learner.train_step.remote(tokens, lengths))
-        self.mixer.remember(fresh, domains)
+        if self.mixer.remember(fresh, domains, trained, weights):
+            self.metrics.domain_mix_shifts.inc()
+            self.progress.event("domain_shift", step=stats.step, distance=round(self.mixer.schedule.detector.distance, 3),
+                                replay_fraction=round(self.mixer.schedule(stats.step), 4))
         self.step = stats.step
         now = self.clock()
         if self._last_step_t is not None:
@@ -265,12 +281,14 @@ class Daemon:
         m.step.set(stats.step)
         m.tokens_trained.inc(stats.tokens)
         m.tokens_replayed.inc(int(lengths[len(fresh):].sum()))
+        m.replay_fraction.set(n_replay / len(tokens))
         m.loss.set(stats.loss)
         m.learning_rate.set(stats.lr)
         m.step_seconds.observe(stats.seconds)
         m.buffer_sequences.set(len(self.buffer))
         m.buffer_seen.set(self.buffer.seen)
         m.buffer_duplicates.set(self.buffer.duplicates)
+        m.buffer_tokens.set(self.buffer.tokens_held)
         if self.step % 10 == 0 or self.step < 10:  # a bincount over the buffer: every few steps is plenty
             for domain, count in self.buffer.domain_counts().items():
                 m.buffer_domain.labels(domain or "unknown").set(count)
@@ -297,6 +315,7 @@ class Daemon:
             "step": self.step,
             "source": {"url": self.cfg.source.url, "position": self.source.position()},
             "packer": self.packer.state_dict(),
+            "replay": self.mixer.schedule.state_dict(),
             "holdout_fresh": self.holdout.state_dict()["fresh"],
             "served": self.served,
             "counters": self.counters,
@@ -331,6 +350,7 @@ class Daemon:
             target.load_state_dict(from_files(prefix, lambda name: self.store.read(ref, name)))
         self.holdout.load_state_dict({"fresh": state["holdout_fresh"], "old": self.holdout.old.state_dict()})
         self.packer.load_state_dict(state["packer"])
+        self.mixer.schedule.load_state_dict(state.get("replay", {}))
         self.source.seek(state["source"]["position"])
         self.counters.update(state.get("counters", {}))
         self.served = self._read_served() or state["served"]

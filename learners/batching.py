@@ -7,12 +7,14 @@ checkpoint, so a restart trains every token exactly once.
 """
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from everlearn.buffers import ReplayBuffer
+from everlearn.learners.replay import ReplaySchedule
 
 
 @dataclass
@@ -21,6 +23,7 @@ class _Segment:
     domain: str
     tokens: np.ndarray  # the document's untrained tokens (EOS included at the end)
     start: int  # offset of tokens[0] in the whole document
+    weight: float | None = None  # replay weight of the document (weighted buffers)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class Span:
     doc_id: str
     start: int
     end: int
+
+
+class Windows(NamedTuple):
+    tokens: np.ndarray  # (n, seq_len) int32
+    lineage: list[list[Span]]  # per window, the document token ranges it holds
+    domains: list[str]  # per window, the domain of its first token
+    weights: list[float] | None  # per window, by tokens; None when no document carries a weight
 
 
 class TokenPacker:
@@ -48,20 +58,23 @@ class TokenPacker:
     def windows_ready(self) -> int:
         return self._pending // self.seq_len
 
-    def add(self, doc_id: str, domain: str, tokens: np.ndarray) -> None:
+    def add(self, doc_id: str, domain: str, tokens: np.ndarray, weight: float | None = None) -> None:
         seg = np.concatenate([np.asarray(tokens, dtype=np.int32), np.array([self.eos_id], dtype=np.int32)])
-        self._segments.append(_Segment(doc_id, domain, seg, 0))
+        self._segments.append(_Segment(doc_id, domain, seg, 0, weight))
         self._pending += len(seg)
 
-    def take(self, n: int) -> tuple[np.ndarray, list[list[Span]], list[str]]:
-        """``n`` full windows, their lineage, and the domain each window starts in."""
+    def take(self, n: int) -> "Windows":
+        """``n`` full windows, their lineage, the domain each starts in and, if documents carry
+        weights, each window's weight: the mean of its documents' weights by tokens (unweighted: 1)."""
         if n > self.windows_ready():
             raise ValueError(f"asked for {n} windows, {self.windows_ready()} ready")
         out = np.empty((n, self.seq_len), dtype=np.int32)
         lineage: list[list[Span]] = []
         domains: list[str] = []
+        weights: list[float] = []
+        weighted = False
         for w in range(n):
-            filled, spans = 0, []
+            filled, spans, mass = 0, [], 0.0
             domains.append(self._segments[0].domain)
             while filled < self.seq_len:
                 seg = self._segments[0]
@@ -69,44 +82,56 @@ class TokenPacker:
                 out[w, filled : filled + k] = seg.tokens[:k]
                 spans.append(Span(seg.doc_id, seg.start, seg.start + k))
                 filled += k
+                if seg.weight is not None:
+                    weighted = True
+                mass += k * (1.0 if seg.weight is None else seg.weight)
                 if k == len(seg.tokens):
                     self._segments.popleft()
                 else:
                     seg.tokens = seg.tokens[k:]
                     seg.start += k
             lineage.append(spans)
+            weights.append(mass / self.seq_len)
         self._pending -= n * self.seq_len
-        return out, lineage, domains
+        return Windows(out, lineage, domains, weights if weighted else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "segments": [
-                {"id": s.doc_id, "domain": s.domain, "start": s.start, "tokens": s.tokens.tolist()} for s in self._segments
+                {"id": s.doc_id, "domain": s.domain, "start": s.start, "tokens": s.tokens.tolist()}
+                | ({"weight": s.weight} if s.weight is not None else {})
+                for s in self._segments
             ]
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._segments = deque(
-            _Segment(s["id"], s["domain"], np.asarray(s["tokens"], dtype=np.int32), int(s["start"])) for s in state["segments"]
+            _Segment(s["id"], s["domain"], np.asarray(s["tokens"], dtype=np.int32), int(s["start"]), s.get("weight"))
+            for s in state["segments"]
         )
         self._pending = sum(len(s.tokens) for s in self._segments)
 
 
 class ReplayMixer:
-    """Each batch is ``(1 - r)`` fresh windows and ``r`` windows sampled from the replay buffer."""
+    """Each batch is ``(1 - r)`` fresh windows and ``r`` windows sampled from the replay buffer.
 
-    def __init__(self, buffer: ReplayBuffer, fraction: float, batch_size: int):
+    ``r`` comes from a ``ReplaySchedule`` (a plain float: always that share).
+    """
+
+    def __init__(self, buffer: ReplayBuffer, fraction: float | ReplaySchedule, batch_size: int):
         self.buffer = buffer
-        self.fraction = fraction
+        self.schedule = fraction if isinstance(fraction, ReplaySchedule) else ReplaySchedule(fraction)
         self.batch_size = batch_size
 
-    def n_replay(self) -> int:
-        if len(self.buffer) == 0 or self.fraction == 0:
+    def n_replay(self, step: int = 0) -> int:
+        """Replayed rows in the batch of ``step``: round(r x batch), at least 1 and never the whole batch."""
+        fraction = self.schedule(step)
+        if len(self.buffer) == 0 or fraction == 0:
             return 0
-        return min(self.batch_size - 1, max(1, round(self.fraction * self.batch_size)))
+        return min(self.batch_size - 1, max(1, round(fraction * self.batch_size)))
 
-    def n_fresh(self) -> int:
-        return self.batch_size - self.n_replay()
+    def n_fresh(self, step: int = 0) -> int:
+        return self.batch_size - self.n_replay(step)
 
     def mix(self, fresh: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """(tokens, lengths, number of replayed rows) of one batch; replayed rows come last."""
@@ -117,6 +142,10 @@ class ReplayMixer:
         replay, replay_lengths = self.buffer.sample_with_lengths(n_replay)
         return np.concatenate([fresh, replay]), np.concatenate([lengths, replay_lengths]), n_replay
 
-    def remember(self, fresh: np.ndarray, domains: list[str]) -> None:
-        """Fresh windows enter the reservoir after they are trained on."""
-        self.buffer.add_many(fresh, domains)
+    def remember(self, fresh: np.ndarray, domains: list[str], step: int = 0, weights: Sequence[float] | None = None) -> bool:
+        """Fresh windows of ``step`` enter the reservoir after they are trained on; True if their domains shift the mix."""
+        if weights is None:
+            self.buffer.add_many(fresh, domains)
+        else:
+            self.buffer.add_many(fresh, domains, weights=weights)
+        return self.schedule.observe(step, domains)

@@ -51,7 +51,7 @@ def test_windows_are_the_stream_cut_into_seq_len_pieces():
     assert packer.pending_tokens == len(expected)
     assert packer.windows_ready() == len(expected) // seq_len
 
-    windows, _, _ = packer.take(packer.windows_ready())
+    windows, _, _, _ = packer.take(packer.windows_ready())
     assert windows.dtype == np.int32
     assert windows.shape == (len(expected) // seq_len, seq_len)
     assert windows.ravel().tolist() == expected[: windows.size]
@@ -66,13 +66,13 @@ def test_small_example_by_hand():
     packer.add("c", "z", np.array([], dtype=np.int32))
     # stream: 10 11 12 EOS | 20 21 22 23 | 24 EOS EOS(c)
     assert packer.pending_tokens == 11
-    windows, lineage, domains = packer.take(2)
+    windows, lineage, domains, _ = packer.take(2)
     assert windows.tolist() == [[10, 11, 12, EOS], [20, 21, 22, 23]]
     assert lineage == [[Span("a", 0, 4)], [Span("b", 0, 4)]]
     assert domains == ["x", "y"]
     assert packer.pending_tokens == 3
     packer.add("d", "w", np.array([30, 31]))
-    windows, lineage, domains = packer.take(1)
+    windows, lineage, domains, _ = packer.take(1)
     assert windows.tolist() == [[24, EOS, EOS, 30]]
     assert lineage == [[Span("b", 4, 6), Span("c", 0, 1), Span("d", 0, 1)]]
     assert domains == ["y"]
@@ -93,7 +93,7 @@ def test_lineage_covers_every_token_exactly_once_in_order():
         n = packer.windows_ready()
         if n == 0:
             continue
-        windows, lineage, domains = packer.take(n)
+        windows, lineage, domains, _ = packer.take(n)
         for window, spans, dom in zip(windows, lineage, domains, strict=True):
             # the spans of one window add up to the window and name its tokens
             assert sum(s.end - s.start for s in spans) == seq_len
@@ -111,7 +111,7 @@ def test_lineage_covers_every_token_exactly_once_in_order():
     owners = owner_of(docs)
     rest = packer.pending_tokens
     if packer.windows_ready():
-        _, lineage, _ = packer.take(packer.windows_ready())
+        _, lineage, _, _ = packer.take(packer.windows_ready())
         covered.extend((s.doc_id, off) for spans in lineage for s in spans for off in range(s.start, s.end))
     # in order, no token twice, no gap; only the untaken remainder is missing
     assert covered == owners[: len(covered)]
@@ -125,7 +125,7 @@ def test_take_more_than_ready_raises_and_changes_nothing():
     with pytest.raises(ValueError):
         packer.take(2)
     assert packer.pending_tokens == 7
-    windows, _, _ = packer.take(1)
+    windows, _, _, _ = packer.take(1)
     assert windows.tolist() == [[10, 11, 12, 13]]
     with pytest.raises(ValueError):
         packer.take(1)
@@ -133,7 +133,7 @@ def test_take_more_than_ready_raises_and_changes_nothing():
 
 def test_take_zero_on_empty_packer():
     packer = TokenPacker(seq_len=4, eos_id=EOS)
-    windows, lineage, domains = packer.take(0)
+    windows, lineage, domains, _ = packer.take(0)
     assert windows.shape == (0, 4) and lineage == [] and domains == []
     with pytest.raises(ValueError):
         packer.take(1)
@@ -159,8 +159,8 @@ def test_state_dict_mid_stream_continues_identically():
         b.add(*d)
         n = a.windows_ready()
         assert b.windows_ready() == n
-        wa, la, da = a.take(n)
-        wb, lb, db = b.take(n)
+        wa, la, da, _ = a.take(n)
+        wb, lb, db, _ = b.take(n)
         np.testing.assert_array_equal(wa, wb)
         assert la == lb and da == db
     assert a.state_dict() == b.state_dict()
@@ -172,19 +172,84 @@ def test_restored_packer_reproduces_the_uninterrupted_stream():
     whole = TokenPacker(seq_len=seq_len, eos_id=EOS)
     for d in docs:
         whole.add(*d)
-    ref_windows, ref_lineage, _ = whole.take(whole.windows_ready())
+    ref_windows, ref_lineage, _, _ = whole.take(whole.windows_ready())
 
     first = TokenPacker(seq_len=seq_len, eos_id=EOS)
     for d in docs[:10]:
         first.add(*d)
-    w1, l1, _ = first.take(first.windows_ready())
+    w1, l1, _, _ = first.take(first.windows_ready())
     second = TokenPacker(seq_len=seq_len, eos_id=EOS)
     second.load_state_dict(first.state_dict())
     for d in docs[10:]:
         second.add(*d)
-    w2, l2, _ = second.take(second.windows_ready())
+    w2, l2, _, _ = second.take(second.windows_ready())
     np.testing.assert_array_equal(np.concatenate([w1, w2]), ref_windows)
     assert l1 + l2 == ref_lineage
+
+
+def test_window_weights_are_token_weighted_means_across_document_boundaries():
+    packer = TokenPacker(seq_len=5, eos_id=EOS)
+    packer.add("a", "x", np.array([10, 11, 12]), weight=2.0)  # 4 tokens with EOS
+    packer.add("b", "y", np.array([20, 21, 22, 23, 24]), weight=0.5)  # 6
+    packer.add("c", "z", np.array([], dtype=np.int32))  # 1 (EOS only), no weight: counts 1.0
+    packer.add("d", "w", np.array([40, 41, 42]), weight=3.0)  # 4
+    windows, lineage, domains, weights = packer.take(3)
+    assert lineage == [
+        [Span("a", 0, 4), Span("b", 0, 1)],
+        [Span("b", 1, 6)],
+        [Span("c", 0, 1), Span("d", 0, 4)],
+    ]
+    assert domains == ["x", "y", "z"]
+    assert weights == pytest.approx([(4 * 2.0 + 1 * 0.5) / 5, 0.5, (1 * 1.0 + 4 * 3.0) / 5])
+    assert weights == pytest.approx([1.7, 0.5, 2.6])
+
+
+def test_window_weights_across_takes_follow_the_partly_consumed_document():
+    packer = TokenPacker(seq_len=4, eos_id=EOS)
+    packer.add("a", "x", np.arange(10, 15), weight=4.0)  # 6 tokens
+    packer.add("b", "y", np.arange(20, 21))  # 2 tokens, no weight
+    assert packer.take(1).weights == [4.0]
+    packer.add("c", "z", np.arange(30, 33), weight=0.0)  # 4 tokens; 0 is a weight, not "none"
+    taken = packer.take(2)
+    assert taken.lineage == [[Span("a", 4, 6), Span("b", 0, 2)], [Span("c", 0, 4)]]
+    assert taken.weights == [(2 * 4.0 + 2 * 1.0) / 4, 0.0]
+
+
+def test_window_weights_are_none_without_weighted_documents():
+    packer = TokenPacker(seq_len=4, eos_id=EOS)
+    for doc in make_docs(10, seed=2):
+        packer.add(*doc)
+    taken = packer.take(packer.windows_ready())
+    assert len(taken.tokens) > 0
+    assert taken.weights is None
+    assert taken == (taken.tokens, taken.lineage, taken.domains, None)  # a plain 4-tuple too
+
+
+def test_state_round_trip_keeps_weights():
+    seq_len = 6
+    docs = make_docs(12, seed=5)
+    weight_of = {doc_id: (None if i % 3 == 0 else 0.5 * i) for i, (doc_id, _, _) in enumerate(docs)}
+    a = TokenPacker(seq_len=seq_len, eos_id=EOS)
+    for doc_id, dom, toks in docs[:8]:
+        a.add(doc_id, dom, toks, weight=weight_of[doc_id])
+    a.take(a.windows_ready() - 1)  # a weighted document is left partly consumed
+    state = json.loads(json.dumps(a.state_dict()))
+    assert {s["id"]: s.get("weight") for s in state["segments"]} == {s["id"]: weight_of[s["id"]] for s in state["segments"]}
+    assert any(s.get("weight") for s in state["segments"])
+
+    b = TokenPacker(seq_len=seq_len, eos_id=EOS)
+    b.load_state_dict(state)
+    for doc_id, dom, toks in docs[8:]:
+        a.add(doc_id, dom, toks, weight=weight_of[doc_id])
+        b.add(doc_id, dom, toks, weight=weight_of[doc_id])
+    wa, wb = a.take(a.windows_ready()), b.take(b.windows_ready())
+    np.testing.assert_array_equal(wa.tokens, wb.tokens)
+    assert wa.lineage == wb.lineage and wa.domains == wb.domains
+    assert wa.weights is not None and wb.weights == wa.weights
+    # and they are the token-weighted means of the spans' documents
+    for spans, w in zip(wb.lineage, wb.weights, strict=True):
+        expected = sum((s.end - s.start) * (weight_of[s.doc_id] if weight_of[s.doc_id] is not None else 1.0) for s in spans) / seq_len
+        assert w == pytest.approx(expected)
 
 
 # -- ReplayMixer -----------------------------------------------------------------

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from everlearn.buffers import BufferConfig, build_buffer
 from everlearn.daemon import cli
 from everlearn.daemon.config import Config, load_config
 from everlearn.errors import ConfigError, EverlearnError
@@ -156,6 +157,114 @@ def test_cross_field_metrics_and_serve_on_one_port(tmp_path):
     p = _write(tmp_path, "serve:\n  port: 9400\nmetrics:\n  port: 9400\n")
     with pytest.raises(ConfigError, match="metrics.port and serve.port are both 9400"):
         load_config(p, env={})
+
+
+# -- the buffer section ---------------------------------------------------------------
+
+
+def _problem(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, env={}, overrides=overrides)
+    return str(exc.value)
+
+
+BOTH_CAPACITIES = "set exactly one of buffer.capacity (sequences) and buffer.capacity_tokens (tokens); set the other to null"
+
+
+@pytest.mark.parametrize("kind", ["uniform", "weighted", "stratified"])
+def test_capacity_tokens_sizes_the_buffer_in_sequences(kind):
+    cfg = load_config(None, env={}, overrides=["buffer.capacity=null", "buffer.capacity_tokens=1000", "train.seq_len=256", f"buffer.kind={kind}"])
+    assert cfg.buffer.capacity is None and cfg.buffer.capacity_tokens == 1000
+    assert cfg.buffer.sequences(cfg.train.seq_len) == 3  # 1000 // 256
+    buf = build_buffer(cfg.buffer, cfg.train.seq_len)
+    assert buf.kind == kind
+    assert buf.capacity == 3 and buf.seq_len == 256
+
+
+def test_capacity_in_sequences_is_taken_as_is():
+    cfg = BufferConfig(capacity=7)
+    assert cfg.sequences(256) == cfg.sequences(8) == 7
+    assert build_buffer(cfg, 16).capacity == 7
+
+
+def test_capacity_tokens_of_exactly_one_sequence_is_fine():
+    cfg = load_config(None, env={}, overrides=["buffer.capacity=null", "buffer.capacity_tokens=256", "train.seq_len=256"])
+    assert build_buffer(cfg.buffer, cfg.train.seq_len).capacity == 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["buffer.capacity_tokens=1000"], ["buffer.capacity=null"], ["buffer.capacity=4", "buffer.capacity_tokens=1000"]],
+    ids=["both-set", "both-null", "both-set-explicitly"],
+)
+def test_exactly_one_capacity(overrides):
+    msg = _problem(overrides)
+    assert BOTH_CAPACITIES in msg
+    assert "buffer.capacity " in msg and "buffer.capacity_tokens " in msg
+
+
+def test_capacity_tokens_below_seq_len():
+    msg = _problem(["buffer.capacity=null", "buffer.capacity_tokens=255", "train.seq_len=256"])
+    assert "buffer.capacity_tokens (255) holds less than one sequence of train.seq_len (256) tokens" in msg
+
+
+def test_weight_field_needs_the_weighted_kind():
+    for kind in ("uniform", "stratified"):
+        msg = _problem(["buffer.weight_field=quality", f"buffer.kind={kind}"])
+        assert f"buffer.weight_field needs buffer.kind: weighted (it is {kind!r})" in msg
+    cfg = load_config(None, env={}, overrides=["buffer.weight_field=quality", "buffer.kind=weighted"])
+    assert cfg.buffer.weight_field == "quality"
+
+
+def test_replay_boost_below_replay_fraction():
+    msg = _problem(["buffer.replay_fraction=0.3", "buffer.replay_boost=0.2"])
+    assert "buffer.replay_boost (0.2) is below buffer.replay_fraction (0.3)" in msg
+    # equal is no boost but allowed; null is never boosted
+    assert load_config(None, env={}, overrides=["buffer.replay_fraction=0.3", "buffer.replay_boost=0.3"]).buffer.replay_boost == 0.3
+    assert load_config(None, env={}).buffer.replay_boost is None
+
+
+@pytest.mark.parametrize("weights", ["{a: 0}", "{a: 1.5, b: -2}"])
+def test_domain_weights_must_be_positive(weights):
+    msg = _problem([f"buffer.domain_weights={weights}"])
+    assert "buffer.domain_weights must all be > 0" in msg
+
+
+def test_buffer_problems_are_reported_together_with_the_others(tmp_path):
+    p = _write(tmp_path, """\
+train:
+  batch_size: 0
+buffer:
+  kind: uniform
+  capacity: 2048
+  capacity_tokens: 1000
+  weight_field: quality
+  replay_fraction: 0.25
+  replay_boost: 0.1
+""")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, env={})
+    msg = str(exc.value)
+    for text in (
+        BOTH_CAPACITIES,
+        "buffer.weight_field needs buffer.kind: weighted (it is 'uniform')",
+        "buffer.replay_boost (0.1) is below buffer.replay_fraction (0.25)",
+        "train.batch_size: Input should be greater than or equal to 1",
+    ):
+        assert text in msg
+
+
+def test_problem_count_counts_each_buffer_problem():
+    # three buffer problems and one train problem are four problems, not two
+    msg = _problem(["train.batch_size=0", "buffer.capacity_tokens=1000", "buffer.weight_field=quality", "buffer.replay_boost=0.1"])
+    assert "(4 problems)" in msg
+
+
+def test_cross_field_problems_are_reported_together():
+    # both cross checks fail: each must be reported, not only the first
+    msg = _problem(["model.max_position_embeddings=128", "train.seq_len=256", "buffer.capacity=null", "buffer.capacity_tokens=100"])
+    assert "model.max_position_embeddings (128) must be >= train.seq_len (256)" in msg
+    assert "buffer.capacity_tokens (100) holds less than one sequence of train.seq_len (256) tokens" in msg
 
 
 # -- environment -------------------------------------------------------------------

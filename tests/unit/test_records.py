@@ -117,6 +117,62 @@ def test_decode_never_raises_on_garbage():
             assert isinstance(decode(raw(data, kind=kind), 30), Document | Rejection)
 
 
+# -- decode: weights (buffer.weight_field) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, weight",
+    [("2", 2.0), ("0.25", 0.25), ("0", 0.0), ("0.0", 0.0), ("1e300", 1e300), ("7", 7.0)],
+)
+def test_weight_field_becomes_the_document_weight(value, weight):
+    doc = decode(raw(f'{{"id": "x", "text": "t", "domain": "news", "quality": {value}}}'), 1000, weight_field="quality")
+    assert doc == Document("x", "t", "news", PROV, weight)
+    assert type(doc.weight) is float
+
+
+@pytest.mark.parametrize("data", ['{"text": "t"}', '{"text": "t", "quality": null}', '{"text": "t", "score": 3}'])
+def test_missing_or_null_weight_is_none(data):
+    doc = decode(raw(data), 1000, weight_field="quality")
+    assert isinstance(doc, Document) and doc.weight is None
+
+
+@pytest.mark.parametrize("data", ['{"text": "t", "quality": 3}', '{"text": "t", "quality": "high"}', '{"text": "t", "quality": -1}'])
+def test_without_weight_field_the_field_is_ignored(data):
+    doc = decode(raw(data), 1000)
+    assert doc == Document("d/a.jsonl@120", "t", "d", PROV)
+    assert doc.weight is None
+
+
+def test_txt_records_have_no_weight():
+    doc = decode(raw("some text", kind="txt"), 1000, weight_field="quality")
+    assert isinstance(doc, Document) and doc.weight is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["true", "false", '"2"', '"high"', "-1", "-0.5", "Infinity", "-Infinity", "NaN", "1e999", "[1]", '{"v": 1}'],
+)
+def test_bad_weights_are_rejected_naming_the_field(value):
+    r = raw(f'{{"text": "t", "quality": {value}}}')
+    rej = decode(r, 1000, weight_field="quality")
+    assert isinstance(rej, Rejection)
+    assert rej.reason == "bad_weight"
+    assert "'quality'" in rej.detail and "buffer.weight_field" in rej.detail
+    assert rej.record is r
+
+
+def test_an_integer_weight_too_large_for_a_float_is_rejected_not_raised():
+    r = raw('{"text": "t", "quality": 1' + "0" * 400 + "}")  # valid JSON, larger than any float
+    rej = decode(r, 1000, weight_field="quality")
+    assert isinstance(rej, Rejection) and rej.reason == "bad_weight"
+
+
+def test_other_checks_come_before_the_weight():
+    # a record with a bad field and a bad weight is rejected for the field
+    rej = decode(raw('{"text": "t", "domain": 3, "quality": -1}'), 1000, weight_field="quality")
+    assert isinstance(rej, Rejection) and rej.reason == "bad_field"
+
+
 # -- dead-letter sink ----------------------------------------------------------------
 
 
