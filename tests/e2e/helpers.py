@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -80,15 +81,21 @@ class DaemonProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
+def _json(req: urllib.request.Request | str, timeout: float) -> Any:
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # it holds the open response: close it now, not when it is collected
+        e.close()
+        raise
+
+
 def get_json(url: str, timeout: float = 5) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
+    return _json(url, timeout)
 
 
 def post_json(url: str, body: dict, timeout: float = 30) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    return _json(urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}), timeout)
 
 
 def wait_for(predicate, timeout: float, what: str, daemon: DaemonProcess | None = None, interval: float = 0.2):
