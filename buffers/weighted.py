@@ -13,6 +13,7 @@ A-ExpJ draws how much *weight* to skip: with ``T`` the smallest kept key,
 so the random draws per item fall as the stream grows, as in Algorithm L.
 """
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -34,9 +35,23 @@ class WeightedReservoir(SlotBuffer):
         self.default_weight = default_weight
         self.log_keys = np.zeros(capacity, dtype=np.float64)  # log(u) / w of each kept item (<= 0)
         self._x = 0.0  # weight still to skip before the next admission
+        # the m smallest keys, ascending, and their slots: every other key is >= the last of them, so the
+        # head is always the global minimum. A cache derived from log_keys, rebuilt when it runs out.
+        self._low_keys: list[float] = []
+        self._low_slots: list[int] = []
+
+    def _low_refill(self) -> None:
+        keys = self.log_keys[: self._size]
+        m = min(self._size, max(16, math.isqrt(self._size)))  # refills cost O(k): one per ~m admissions
+        idx = np.argpartition(keys, m - 1)[:m] if m < self._size else np.arange(self._size)
+        order = idx[np.argsort(keys[idx], kind="stable")]
+        self._low_keys, self._low_slots = keys[order].tolist(), order.tolist()
 
     def _threshold(self) -> float:
-        return float(self.log_keys[: self._size].min())
+        """T, the smallest kept key."""
+        if not self._low_keys:
+            self._low_refill()
+        return self._low_keys[0]
 
     def _draw_jump(self) -> None:
         self._x = math.log(self._rng.random()) / self._threshold()  # both logs < 0
@@ -76,21 +91,29 @@ class WeightedReservoir(SlotBuffer):
             else:
                 pos = n
         if pos < n:  # jump phase: skip ``_x`` of weight, admit the item it lands in
-            cum = np.cumsum(w_all[pos:])  # weight passed by the end of each remaining item
+            cum = np.cumsum(w_all[pos:]).tolist()  # weight passed by the end of each remaining item
             passed = 0.0
             chosen: dict[int, int] = {}  # slot -> batch position; a later admission to a slot replaces an earlier one
             while True:
-                j = int(np.searchsorted(cum, passed + self._x, side="left"))
+                j = bisect.bisect_left(cum, passed + self._x)
                 if j >= len(cum):
-                    self._x -= float(cum[-1]) - passed
+                    self._x -= cum[-1] - passed
                     break
-                i, w = pos + j, w_all[pos + j]
-                slot = int(np.argmin(self.log_keys[: self._size]))
-                t = math.exp(w * self.log_keys[slot])  # the key to beat, T, as a uniform draw: T ** w
-                self.log_keys[slot] = math.log(self._rng.uniform(t, 1.0)) / w
+                i, w = pos + j, float(w_all[pos + j])
+                threshold = self._threshold()  # refills the cache if it ran out
+                low_keys, low_slots = self._low_keys, self._low_slots
+                slot = low_slots.pop(0)
+                low_keys.pop(0)
+                t = math.exp(w * threshold)  # the key to beat, T, as a uniform draw: T ** w
+                key = math.log(self._rng.uniform(t, 1.0)) / w
+                self.log_keys[slot] = key
+                if low_keys and key < low_keys[-1]:  # among the m smallest: keep the cache exact
+                    at = bisect.bisect_left(low_keys, key)
+                    low_keys.insert(at, key)
+                    low_slots.insert(at, slot)
                 chosen[slot] = i
                 self._draw_jump()
-                passed = float(cum[j])
+                passed = cum[j]
             self._store_many(list(chosen), list(chosen.values()), items, domains, hashes)
         self._seen += n
 
@@ -103,4 +126,5 @@ class WeightedReservoir(SlotBuffer):
         meta = self._load(state)
         self.log_keys[:] = 0.0
         self.log_keys[: self._size] = state["arrays"]["log_keys"]
+        self._low_keys, self._low_slots = [], []
         self._x = float(meta["x"])

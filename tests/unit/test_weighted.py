@@ -98,3 +98,18 @@ def test_dedup_keeps_weights_aligned_with_the_surviving_items():
     buf = WeightedReservoir(capacity=3, seq_len=1, seed=0, dedup=True)
     buf.add_many(seqs([7, 7, 8]), weights=[1.0, 1.0, 0.0])  # 8 weighs 0: it must never enter
     assert [int(s[0]) for s in buf.items()] == [7] and buf.duplicates == 1
+
+
+def test_cache_of_smallest_keys_stays_exact_through_many_refills():
+    """The cached smallest keys are always the m smallest of all kept keys, so the head is argmin."""
+    rng = np.random.default_rng(3)
+    buf = WeightedReservoir(capacity=300, seq_len=1, seed=1, domain_weights={"b": 4.0})
+    for start in range(0, 30_000, 250):
+        buf.add_many(seqs(range(start, start + 250)), list(rng.choice(["a", "b"], size=250)))
+        keys = buf.log_keys[: len(buf)]
+        low = buf._low_keys
+        assert low == sorted(low)
+        np.testing.assert_array_equal(low, np.sort(keys)[: len(low)])
+        assert [keys[s] for s in buf._low_slots] == low
+        if low:
+            assert buf._low_slots[0] == int(np.argmin(keys))
