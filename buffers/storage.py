@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 PAD_ID = 0  # pad id of the byte tokenizer; padded positions are never trained on
+MAX_DOMAINS = 1024  # distinct domain names a buffer tells apart; later ones pool under OTHER_DOMAIN
+OTHER_DOMAIN = "(other)"  # keeps the domain table (and its metric labels) bounded on any stream
 
 
 def content_hash(seq: np.ndarray) -> int:
@@ -40,6 +42,8 @@ class SequenceSlots:
     def domain_id(self, domain: str) -> int:
         idx = self._domain_index.get(domain)
         if idx is None:
+            if len(self.domains) >= MAX_DOMAINS - 1 and domain != OTHER_DOMAIN:
+                return self.domain_id(OTHER_DOMAIN)  # the last entry of a full table
             idx = self._domain_index[domain] = len(self.domains)
             self.domains.append(domain)
         return idx

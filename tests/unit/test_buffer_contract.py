@@ -112,3 +112,20 @@ def test_dedup_keeps_one_copy(make):
 def test_build_buffer_follows_the_config():
     assert isinstance(build_buffer(BufferConfig(), 8), UniformReservoir)
     assert isinstance(build_buffer(BufferConfig(kind="weighted", domain_weights={"x": 2.0}), 8), WeightedReservoir)
+
+
+def test_domain_table_is_bounded_on_a_stream_of_unique_domains(make, monkeypatch):
+    from everlearn.buffers import storage
+
+    monkeypatch.setattr(storage, "MAX_DOMAINS", 5)
+    buf = make(12)
+    for start in range(0, 400, 40):
+        items, _ = stream(start, start + 40)
+        buf.add_many(items, [f"doc-{i}" for i in range(start, start + 40)])  # a new domain per item
+    assert len(buf.slots.domains) <= 5 and buf.slots.domains[-1] == storage.OTHER_DOMAIN
+    assert sum(buf.domain_counts().values()) == len(buf)
+    # stratified: the four named domains offered one item each and keep their quotas' rest free
+    assert len(buf) == (4 + buf.quotas[4] if buf.kind == "stratified" else 12)  # (other) saw hundreds: full
+    restored = make(12)
+    restored.load_state_dict(buf.state_dict())
+    assert restored.domain_counts() == buf.domain_counts()
