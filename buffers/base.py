@@ -113,13 +113,6 @@ class SlotBuffer:
                 self._kept[h] = slot
         self.slots.put_many(slots, seqs, self._domain_ids(domains, positions), hs)
 
-    def _store(self, slot: int, seq: np.ndarray, dom: int, h: int) -> None:
-        if self.dedup:
-            if slot < self._size:
-                self._kept.pop(int(self.slots.hashes[slot]), None)
-            self._kept[h] = slot
-        self.slots.put(slot, seq, dom, h)
-
     # -- persistence ---------------------------------------------------------
     def _state(self, extra: dict[str, Any], order: np.ndarray | None = None) -> dict[str, Any]:
         idx = np.arange(self._size) if order is None else order

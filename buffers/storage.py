@@ -59,18 +59,6 @@ class SequenceSlots:
         if longest > self.seq_len:
             raise ValueError(f"sequence of {longest} tokens exceeds seq_len={self.seq_len}; pack sequences first")
 
-    def put(self, slot: int, seq: np.ndarray, domain_id: int, hash_: int = 0) -> None:
-        n = len(seq)
-        row = self.tokens[slot]
-        if n == self.seq_len:  # the common case (packed windows): one copy, nothing to pad
-            row[:] = seq
-        else:
-            row[:n] = seq
-            row[n:] = PAD_ID
-        self.lengths[slot] = n
-        self.domain_ids[slot] = domain_id
-        self.hashes[slot] = hash_
-
     def put_many(self, slots: Sequence[int], seqs: Sequence[np.ndarray] | np.ndarray, domain_ids: Sequence[int] | int,
                  hashes: Sequence[int] | int = 0) -> None:
         """Store ``seqs[i]`` in ``slots[i]`` with one array assignment per field; ``slots`` must be distinct."""
