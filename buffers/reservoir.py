@@ -89,10 +89,6 @@ class AdmissionPlan:
                 return pos_out, slot_out
             self._plan(self._log_w, self._p)
 
-    @property
-    def started(self) -> bool:
-        return self._start is not None
-
     def state(self) -> dict[str, Any] | None:
         return None if self._start is None else dict(self._start, i=self.i)
 
