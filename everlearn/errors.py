@@ -3,9 +3,13 @@
     EverlearnError
     ├── ConfigError              config file, environment override or flag is invalid
     ├── ModelLoadError           model or tokenizer cannot be built or loaded
-    ├── SourceError              a stream source cannot be read (bad URL, unreachable)
+    ├── SourceError              a stream source cannot be read (bad URL, unreadable)
+    │   └── SourceUnavailable        transient: storage or broker unreachable; retried with backoff
     ├── CheckpointError          checkpoint missing or incomplete
-    │   └── CheckpointCorruptError   a file's sha256 or size differs from the manifest
+    │   ├── CheckpointCorruptError   a file's sha256 or size differs from the manifest
+    │   └── StorageUnavailable       transient: the checkpoint store did not answer; retried
+    ├── RunLockedError           another daemon holds this run's lease
+    ├── NonFiniteError           a loss, gradient or weight is NaN or infinite
     └── ServingError             the serving deployment cannot start or swap
 
 This module depends on nothing, so every layer may raise these.
@@ -28,12 +32,31 @@ class SourceError(EverlearnError):
     """A stream source cannot be read."""
 
 
+class SourceUnavailable(SourceError):
+    """The source's storage or broker did not answer (timeout, connection reset, 5xx); retry later.
+
+    Raised before the position moves: nothing that was not read is ever skipped.
+    """
+
+
 class CheckpointError(EverlearnError):
     """A checkpoint is missing, incomplete or unreadable."""
 
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file's sha256 or size differs from its manifest; it is never loaded."""
+
+
+class StorageUnavailable(CheckpointError):
+    """The checkpoint store did not answer (timeout, connection reset, 5xx); retry later."""
+
+
+class RunLockedError(EverlearnError):
+    """Another daemon holds the lease on this run (its run_dir or checkpoint store)."""
+
+
+class NonFiniteError(EverlearnError):
+    """A loss, gradient or weight is NaN or infinite."""
 
 
 class ServingError(EverlearnError):
