@@ -46,6 +46,8 @@ class SourceConfig(_Section):
     max_doc_bytes: int = Field(1_000_000, ge=1, description="Larger records are dead-lettered as too_large.")  # 1 MB ~ 250 sequences of 4 KiB
     max_records_per_poll: int = Field(64, ge=1, description="Records read per poll; with max_doc_bytes it bounds the tokens waiting to be trained.")
     poll_interval_s: float = Field(1.0, gt=0, description="How long to wait for new records when the stream is idle.")
+    settle_s: float = Field(2.0, ge=0, description="A .txt file, or a final line without a newline, is taken once the file's size and modification time have not changed for this long (0: at once).")  # two poll intervals: a writer flushing a line in pieces pauses for less; objects on s3 are whole anyway
+    close_after_s: float = Field(300.0, ge=0, description="A file read to its end and unchanged this long is closed: lines appended later are not read. A directory's watermark passes a file this long after it was first seen; a new file named at or below the watermark is reported late and not read, so name new files to sort after the ones before.")  # 5 min: outlasts writers' pauses between appends and uploads landing out of name order; costs a stat per poll and a checkpoint entry only per file changed in that window
 
 
 class CheckpointConfig(_Section):
@@ -78,6 +80,19 @@ class LogConfig(_Section):
     lineage: bool = Field(True, description="Record in <run_dir>/lineage.jsonl which token ranges of which documents each step trained on.")
 
 
+class SupervisionConfig(_Section):
+    """How the daemon rides out failures: retries, restarts, rollbacks, degraded state, stopping."""
+
+    backoff_base_s: float = Field(0.5, gt=0, description="First pause before retrying a failed source poll or storage call; doubles per failure (with jitter).")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest pause between retries.")  # an outage is noticed within half a minute of its end
+    degraded_after_s: float = Field(30.0, gt=0, description="A component failing this long shows `degraded` in /status and fails /healthz (the daemon stays up).")
+    checkpoint_retry_s: float = Field(30.0, gt=0, description="How long one checkpoint write retries a storage outage before it is given up (counted; the run goes on and tries again at the next checkpoint).")
+    restart_backoff_s: float = Field(2.0, gt=0, description="Pause before restarting a failed stage; doubles per restart in a row up to backoff_max_s (no restart storm).")
+    nonfinite_rollback_after: int = Field(3, ge=1, description="Non-finite steps in a row after which the run rolls back to its newest verified checkpoint.")  # one bad batch is skipped; a streak means the weights went bad
+    stop_grace_s: float = Field(60.0, gt=0, description="On SIGTERM/SIGINT, time allowed for the final checkpoint before the daemon exits.")  # inside Kubernetes' default 30 s + preStop headroom when raised
+    lease_ttl_s: float = Field(30.0, ge=5, description="On object stores, how long the run's lease outlives a daemon that stopped renewing it (renewed every third of it).")
+
+
 class Config(_Section):
     """A complete everlearn run."""
 
@@ -93,6 +108,7 @@ class Config(_Section):
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description=MetricsConfig.__doc__)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig, description=SupervisionConfig.__doc__)
     demo: DemoConfig = Field(default_factory=DemoConfig, description=DemoConfig.__doc__)
     log: LogConfig = Field(default_factory=LogConfig, description=LogConfig.__doc__)
 

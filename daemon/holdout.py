@@ -71,11 +71,26 @@ class HoldoutWindows:
         return tokens, lengths
 
     def state_dict(self) -> dict[str, Any]:
+        """The fresh window as arrays (all tokens in one, each sequence's length) with its domains; the old reservoir's state."""
+        seqs = [s for s, _ in self.fresh]
         return {
-            "fresh": [{"tokens": s.tolist(), "domain": d} for s, d in self.fresh],
+            "fresh": {
+                "arrays": {"tokens": np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32),
+                           "lengths": np.array([len(s) for s in seqs], dtype=np.int64)},
+                "meta": {"domains": [d for _, d in self.fresh]},
+            },
             "old": self.old.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fresh = deque((np.asarray(x["tokens"], dtype=np.int32), x["domain"]) for x in state["fresh"])
+        fresh = state["fresh"]
+        if isinstance(fresh, list):  # checkpoints before arrays: one JSON list per sequence
+            self.fresh = deque((np.asarray(x["tokens"], dtype=np.int32), x["domain"]) for x in fresh)
+        else:
+            lengths, domains = np.asarray(fresh["arrays"]["lengths"], dtype=np.int64), fresh["meta"]["domains"]
+            tokens = np.asarray(fresh["arrays"]["tokens"], dtype=np.int32)
+            if len(lengths) != len(domains) or int(lengths.sum()) != len(tokens):
+                raise ValueError(f"held-out fresh window: {len(domains)} domains, {len(lengths)} lengths, {len(tokens)} tokens")
+            seqs = np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
+            self.fresh = deque(zip(seqs, domains, strict=True))
         self.old.load_state_dict(state["old"])

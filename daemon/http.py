@@ -1,4 +1,10 @@
-"""The daemon's own HTTP endpoint: ``/metrics`` (Prometheus), ``/status`` (JSON), ``/healthz``."""
+"""The daemon's own HTTP endpoint: ``/metrics`` (Prometheus), ``/status`` (JSON), ``/healthz``.
+
+``/healthz`` answers 200 while the daemon is healthy and 503 with the reasons
+while it is degraded (a component failing for longer than
+``supervision.degraded_after_s``): a liveness or readiness probe sees the
+outage, and the daemon keeps running through it.
+"""
 
 import json
 import threading
@@ -10,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 class StatusServer:
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]]):
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
+                 health: Callable[[], list[str]] = list):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -21,7 +28,9 @@ class StatusServer:
                 elif path == "/status":
                     self._send(200, json.dumps(outer.status(), default=str).encode(), "application/json")
                 elif path == "/healthz":
-                    self._send(200, b'{"ok": true}', "application/json")
+                    problems = outer.health()
+                    body = json.dumps({"ok": not problems, **({"degraded": problems} if problems else {})}).encode()
+                    self._send(503 if problems else 200, body, "application/json")
                 else:
                     self._send(404, b'{"error": "try /metrics, /status or /healthz"}', "application/json")
 
@@ -37,6 +46,7 @@ class StatusServer:
 
         self.registry = registry
         self.status = status
+        self.health = health
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]

@@ -1,19 +1,60 @@
-"""Prometheus metrics of a run, on a registry passed in (tests pass their own)."""
+"""Prometheus metrics of a run, on a registry passed in (tests pass their own).
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+Every label takes values from a bounded set: domains are capped at 1024 names
+(later ones count under ``(other)``, as the replay buffer does), the rest are
+fixed vocabularies (stage, reason, verdict, component, event). The ``_created``
+series are not exported: they double the series count and nothing reads them.
+"""
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from everlearn.buffers.storage import MAX_DOMAINS, OTHER_DOMAIN
 
 PREFIX = "everlearn"
+
+disable_created_metrics()
+
+
+class BoundedLabels:
+    """The first ``limit - 1`` distinct values pass through; every later one becomes ``(other)``."""
+
+    def __init__(self, limit: int = MAX_DOMAINS, other: str = OTHER_DOMAIN):
+        self.limit, self.other = limit, other
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.limit - 1:
+                self._seen.add(value)
+                return value
+        return self.other
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry if registry is not None else CollectorRegistry()
-        self.documents_ingested = Counter(f"{PREFIX}_documents_ingested", "Documents decoded from the stream (trained and held out).", ["domain"], registry=r)
+        self.domain_label = BoundedLabels()
+        # ingest
+        self.documents_ingested = Counter(f"{PREFIX}_documents_ingested", "Documents decoded from the stream (trained and held out), by domain (at most 1024 names, then (other)).", ["domain"], registry=r)
         self.documents_held_out = Counter(f"{PREFIX}_documents_held_out", "Documents held out of training for the gates.", registry=r)
-        self.documents_dead_lettered = Counter(f"{PREFIX}_documents_dead_lettered", "Records sent to the dead-letter sink.", ["reason"], registry=r)
+        self.documents_dead_lettered = Counter(f"{PREFIX}_documents_dead_lettered", "Records sent to the dead-letter sink, by reason.", ["reason"], registry=r)
+        self.source_errors = Counter(f"{PREFIX}_source_errors", "Polls of the source that failed (retried with backoff).", registry=r)
+        self.source_events = Counter(f"{PREFIX}_source_events", "Files the source saw deleted, truncated, renamed, replaced or arrive late.", ["event"], registry=r)
+        self.ingest_queue_windows = Gauge(f"{PREFIX}_ingest_queue_windows", "Packed windows ready for training (the bounded queue between ingest and train).", registry=r)
+        self.pending_tokens = Gauge(f"{PREFIX}_pending_tokens", "Tokens read from the stream and not yet trained on.", registry=r)
+        # train
         self.tokens_trained = Counter(f"{PREFIX}_tokens_trained", "Tokens that carried a training loss (fresh and replayed).", registry=r)
         self.tokens_replayed = Counter(f"{PREFIX}_tokens_replayed", "Training tokens drawn from the replay buffer.", registry=r)
         self.train_steps = Counter(f"{PREFIX}_train_steps", "Optimizer steps taken by this process.", registry=r)
+        self.train_wait_seconds = Counter(f"{PREFIX}_train_wait_seconds", "Time the trainer waited for packed windows from ingest.", registry=r)
+        self.nonfinite_steps = Counter(f"{PREFIX}_nonfinite_steps", "Steps skipped because the loss or gradient was NaN or infinite (batch quarantined).", registry=r)
+        self.documents_quarantined = Counter(f"{PREFIX}_documents_quarantined", "Documents recorded in quarantine.jsonl from skipped non-finite steps.", registry=r)
+        self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Restores of the whole run from its newest verified checkpoint.", ["reason"], registry=r)
         self.step = Gauge(f"{PREFIX}_step", "Optimizer steps of the model so far (across restarts).", registry=r)
         self.loss = Gauge(f"{PREFIX}_train_loss", "Training loss of the last step (nats per token).", registry=r)
         self.learning_rate = Gauge(f"{PREFIX}_learning_rate", "Learning rate of the last step.", registry=r)
@@ -28,13 +69,22 @@ class Metrics:
         self.replay_fraction = Gauge(f"{PREFIX}_replay_fraction", "Share of the last training batch drawn from the replay buffer.", registry=r)
         self.domain_mix_shifts = Counter(f"{PREFIX}_domain_mix_shifts", "Shifts of the fresh stream's domain mix detected (each restarts the replay boost).", registry=r)
         self.buffer_seen = Gauge(f"{PREFIX}_replay_buffer_seen_sequences", "Sequences offered to the replay buffer so far.", registry=r)
-        self.pending_tokens = Gauge(f"{PREFIX}_pending_tokens", "Tokens read from the stream and not yet trained on.", registry=r)
+        # checkpoints
         self.checkpoints = Counter(f"{PREFIX}_checkpoints", "Checkpoints committed.", registry=r)
+        self.checkpoint_failures = Counter(f"{PREFIX}_checkpoint_failures", "Checkpoint writes that failed (storage unreachable, non-finite weights); the run goes on.", registry=r)
+        self.checkpoints_set_aside = Counter(f"{PREFIX}_checkpoints_set_aside", "Damaged or never-committed checkpoint directories moved aside (never loaded).", registry=r)
         self.checkpoint_seconds = Histogram(f"{PREFIX}_checkpoint_write_seconds", "Time to write and commit one checkpoint.", registry=r,
                                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.gate_decisions = Counter(f"{PREFIX}_gate_decisions", "Gate judgements by verdict (promoted, rejected, skipped).", ["verdict"], registry=r)
+        # supervision
+        self.stage_restarts = Counter(f"{PREFIX}_stage_restarts", "Restarts of a stage's actor or thread (ingest, train, judge, promote).", ["stage"], registry=r)
+        self.degraded = Gauge(f"{PREFIX}_degraded", "1 while a component has been failing for longer than supervision.degraded_after_s.", ["component"], registry=r)
+        # judge and promote
+        self.gate_decisions = Counter(f"{PREFIX}_gate_decisions", "Gate judgements by verdict (promoted, rejected, skipped, failed).", ["verdict"], registry=r)
         self.gate_loss = Gauge(f"{PREFIX}_gate_loss", "Held-out losses at the last judgement (nats per token).", ["model", "window"], registry=r)
+        self.judge_seconds = Histogram(f"{PREFIX}_judge_seconds", "Time from submitting a candidate to the evaluator to its verdict.", registry=r,
+                                       buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.promotions = Counter(f"{PREFIX}_promotions", "Versions promoted into serving.", registry=r)
+        self.promotions_reverted = Counter(f"{PREFIX}_promotions_reverted", "Promotions undone because serving could not load the version.", registry=r)
         self.swap_seconds = Histogram(f"{PREFIX}_swap_seconds", "Promotion until serving answered with the new version.", registry=r,
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.served_version = Gauge(f"{PREFIX}_served_version", "Version the serving deployment holds.", registry=r)

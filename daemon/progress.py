@@ -2,6 +2,7 @@
 
 import json
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -33,16 +34,18 @@ class Progress:
         self.clock = clock
         self._last = -float("inf")
         self._width = 0
+        self._lock = threading.Lock()  # events come from the ingest thread and the lease renewer too
 
     def _write(self, text: str) -> None:
         """Write and flush; a closed output (a pipe whose reader quit) silences progress, never the run."""
-        if self.out is None:
-            return
-        try:
-            self.out.write(text)
-            self.out.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            self.out = None
+        with self._lock:
+            if self.out is None:
+                return
+            try:
+                self.out.write(text)
+                self.out.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self.out = None
 
     def update(self, status: dict[str, Any], force: bool = False) -> None:
         now = self.clock()

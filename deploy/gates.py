@@ -26,6 +26,9 @@ class GateConfig(BaseModel):
     max_forgetting: float = Field(0.02, ge=0, description="Candidate's loss on old held-out documents may be at most (1 + this) x the serving model's.")  # 2 % rise tolerated
     min_fresh_sequences: int = Field(4, ge=1, description="Do not judge until the fresh window holds at least this many sequences.")
     max_eval_sequences: int = Field(64, ge=1, description="Sequences from each window a judgement evaluates (bounds its cost).")
+    evaluator_threads: int = Field(1, ge=1, description="Torch threads of the evaluator actor that judges candidates beside the learner.")  # leaves the learner its cores
+    evaluator_num_cpus: float = Field(0.0, ge=0, description="CPUs the evaluator actor reserves in Ray.")  # 0: it shares the local cores, judging is brief
+    timeout_s: float = Field(600.0, gt=0, description="A judgement that takes longer fails (the evaluator is restarted); the next interval tries again.")
 
 
 @dataclass(frozen=True)

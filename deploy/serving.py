@@ -17,9 +17,12 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from everlearn.deploy.decoding import decode, new_generator
+from everlearn.deploy.requests import BadRequest, GenerateRequest, ScoreRequest, parse_request
 from everlearn.errors import CheckpointError, ServingError
 from everlearn.learners import (
     CheckpointRef,
@@ -34,8 +37,7 @@ from everlearn.learners import (
 APP_NAME = "everlearn"
 DEPLOYMENT_NAME = "LanguageModel"
 IMPORT_PATH = "everlearn.deploy.serving:build_app"
-MAX_NEW_TOKENS = 512  # bounds the work one request can ask for
-MAX_SCORE_CHARS = 1_000_000
+log = logging.getLogger(__name__)
 
 
 class ServeConfig(BaseModel):
@@ -43,12 +45,14 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = Field(True, description="Run the serving deployment. false: train and judge only (promotions are still recorded in SERVED.json for a serving stack elsewhere).")
     host: str = Field("127.0.0.1", description="Address the HTTP endpoints listen on; 0.0.0.0 inside a pod.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP endpoints.")
     num_replicas: int = Field(1, ge=1, description="Serving replicas; each holds one copy of the model.")
     num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves in Ray.")  # 0: share the 2 local cores with the learner
     torch_threads: int = Field(1, ge=1, description="Intra-op torch threads per replica.")  # leave cores for the learner
     swap_timeout_s: float = Field(60.0, gt=0, description="How long a promotion waits for /version to report the new version.")
+    start_timeout_s: float = Field(300.0, gt=0, description="How long the daemon waits for serving to come up at start.")  # replicas import torch and load the model: minutes on a busy node
 
 
 class _Loaded:
@@ -90,6 +94,8 @@ class LanguageModelServer:
 
     # -- request handling ----------------------------------------------------
     async def __call__(self, request) -> Any:
+        """Route one request. Bad input answers 400, no model 503; anything else that goes wrong
+        answers 500 and is logged, and the replica keeps serving."""
         from starlette.responses import JSONResponse
 
         path, method = request.url.path.rstrip("/") or "/", request.method
@@ -100,21 +106,19 @@ class LanguageModelServer:
             if path == "/version" and method == "GET":
                 return JSONResponse(self._version_info(self._current()))
             if path in ("/generate", "/score") and method == "POST":
-                try:
-                    body = json.loads(await request.body() or b"{}")
-                except ValueError:
-                    return JSONResponse({"error": "request body is not JSON"}, status_code=400)
-                if not isinstance(body, dict):
-                    return JSONResponse({"error": "request body must be a JSON object"}, status_code=400)
+                raw = await request.body()
                 loaded = self._current()
                 handler = self._generate if path == "/generate" else self._score
-                result = await asyncio.to_thread(handler, loaded, body)
-                return JSONResponse(result)
+                return JSONResponse(await asyncio.to_thread(handler, loaded, raw))  # parsing too: a big body must not stall the loop
             return JSONResponse({"error": f"no route {method} {path}; try GET /version, GET /healthz, POST /generate, POST /score"}, status_code=404)
-        except _BadRequest as e:
+        except BadRequest as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         except _NotReady as e:
             return JSONResponse({"error": str(e)}, status_code=503)
+        except Exception as e:
+            log.exception("%s %s failed", method, path)
+            return JSONResponse({"error": f"internal error ({type(e).__name__}) while answering {method} {path}; "
+                                          "the replica keeps serving and its log has the traceback"}, status_code=500)
 
     def _current(self) -> _Loaded:
         loaded = self.loaded
@@ -128,53 +132,46 @@ class LanguageModelServer:
         return {"version": i.get("version"), "step": i.get("step"), "checkpoint": i.get("uri"), "manifest_sha256": i.get("manifest_sha256"),
                 "promoted_unix": i.get("promoted_unix"), "replica_pid": os.getpid()}
 
-    def _generate(self, loaded: _Loaded, body: dict[str, Any]) -> dict[str, Any]:
-        prompt = body.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise _BadRequest("'prompt' must be a string")
-        max_new = body.get("max_new_tokens", 64)
-        if not isinstance(max_new, int) or not 1 <= max_new <= MAX_NEW_TOKENS:
-            raise _BadRequest(f"'max_new_tokens' must be an integer in [1, {MAX_NEW_TOKENS}]")
-        temperature = float(body.get("temperature", 0.0))
-        ids = self.tokenizer.encode(prompt)
-        if len(ids) == 0:
-            ids = [self.tokenizer.eos_id]
-        input_ids = torch.tensor([list(ids)], dtype=torch.long)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": self.tokenizer.pad_id}
-        if temperature > 0:
-            if "seed" in body:
-                torch.manual_seed(int(body["seed"]))
-            kwargs.update(do_sample=True, temperature=temperature, top_k=int(body.get("top_k", 50)))
-        else:
-            kwargs.update(do_sample=False)
-        with torch.no_grad():
-            out = loaded.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        text = self.tokenizer.decode(out[0, input_ids.shape[1] :].tolist())
-        return {"text": text, "version": loaded.info.get("version")}
+    def _generate(self, loaded: _Loaded, raw: bytes) -> dict[str, Any]:
+        req = parse_request(raw, GenerateRequest, context={"vocab_size": getattr(loaded.model.config, "vocab_size", None)})
+        ids = self._prompt_ids(loaded, req)
+        new = decode(loaded.model, ids, max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
+                     generator=new_generator(req.seed), eos_id=self.tokenizer.eos_id)
+        return {"text": self.tokenizer.decode(new), "version": loaded.info.get("version")}
 
-    def _score(self, loaded: _Loaded, body: dict[str, Any]) -> dict[str, Any]:
-        text = body.get("text")
-        if not isinstance(text, str) or not text:
-            raise _BadRequest("'text' must be a non-empty string")
-        if len(text) > MAX_SCORE_CHARS:
-            raise _BadRequest(f"'text' is longer than {MAX_SCORE_CHARS} characters")
-        import numpy as np
+    def _prompt_ids(self, loaded: _Loaded, req: GenerateRequest) -> list[int]:
+        """The prompt's tokens (EOS for an empty prompt); refused when prompt + new tokens overrun the context,
+        where a model with learned positions fails and one with rotary positions decodes garbage."""
+        ids = self.tokenizer.encode(req.prompt).tolist() or [self.tokenizer.eos_id]
+        context = loaded.model.config.max_position_embeddings
+        room = context - len(ids)
+        if room < 1:
+            raise BadRequest(f"'prompt' is {len(ids)} tokens: it fills the model's context of {context} tokens and leaves "
+                             f"no room for new ones; shorten it to fewer than {context} tokens")
+        if req.max_new_tokens > room:
+            raise BadRequest(f"'prompt' is {len(ids)} tokens and 'max_new_tokens' is {req.max_new_tokens}: together more than "
+                             f"the model's context of {context} tokens; ask for at most {room} new tokens or shorten the prompt")
+        return ids
 
-        ids = self.tokenizer.encode(text)
-        seq = loaded.model.config.max_position_embeddings
-        chunks = [ids[i : i + seq] for i in range(0, len(ids), seq)]
-        tokens = np.zeros((len(chunks), seq), dtype=np.int32)
-        lengths = np.array([len(c) for c in chunks], dtype=np.int32)
-        for i, c in enumerate(chunks):
-            tokens[i, : len(c)] = c
+    def _score(self, loaded: _Loaded, raw: bytes) -> dict[str, Any]:
+        req = parse_request(raw, ScoreRequest)
+        ids = self.tokenizer.encode(req.text)
+        if len(ids) < 2:
+            raise BadRequest(f"'text' is too short to score: it is {len(ids)} token(s) and needs at least 2 (one to predict the next)")
+        tokens, lengths = _chunks(ids, loaded.model.config.max_position_embeddings, self.tokenizer.pad_id)
         total, count = token_losses(loaded.model, tokens, lengths)
-        if count == 0:
-            raise _BadRequest("'text' is too short to score: it needs at least 2 tokens")
         return {"loss": total / count, "tokens": count, "version": loaded.info.get("version")}
 
 
-class _BadRequest(ValueError):
-    pass
+def _chunks(ids: np.ndarray, context: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive chunks of at most ``context`` tokens, padded only to the longest chunk, with their lengths
+    (an 80-byte text is one row of 80 tokens, not a row of the model's full context)."""
+    starts = range(0, len(ids), context)
+    lengths = np.array([min(context, len(ids) - s) for s in starts], dtype=np.int32)
+    tokens = np.full((len(lengths), int(lengths.max())), pad_id, dtype=np.int32)
+    for row, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        tokens[row, :n] = ids[s : s + n]
+    return tokens, lengths
 
 
 class _NotReady(RuntimeError):
@@ -228,16 +225,18 @@ class Server:
         # The same call Serve's REST API (PUT /api/serve/applications/) makes, without the dashboard.
         _get_global_client().deploy_apps(config, _blocking=blocking)
 
-    def start(self, promoted: dict[str, Any]) -> None:
+    def start(self, promoted: dict[str, Any], wait: bool = True) -> None:
+        """Start Serve and the deployment on ``promoted``; ``wait=False`` returns while replicas start (see ``wait_for_version``)."""
         from ray import serve
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         try:
             serve.start(http_options={"host": self.cfg.host, "port": self.cfg.port})
-            self._apply(promoted, blocking=True)
+            self._apply(promoted, blocking=False)
         except Exception as e:  # Ray wraps failures in many types; say what to check
             raise ServingError(f"serving did not start on {self.url}: {e}. Is port {self.cfg.port} free? Set serve.port to another port.") from e
-        self.wait_for_version(promoted["version"])
+        if wait:
+            self.wait_for_version(promoted["version"], self.cfg.start_timeout_s)
 
     def swap(self, promoted: dict[str, Any]) -> float:
         """Apply a new promoted version; returns seconds until /version reported it."""
@@ -246,10 +245,12 @@ class Server:
         self.wait_for_version(promoted["version"])
         return time.perf_counter() - t0
 
-    def wait_for_version(self, version: int) -> None:
+    def wait_for_version(self, version: int, timeout_s: float | None = None) -> None:
+        """Until /version reports ``version``; ServingError when the deployment failed or the time is up."""
         import urllib.request
 
-        deadline = time.monotonic() + self.cfg.swap_timeout_s
+        timeout_s = timeout_s or self.cfg.swap_timeout_s
+        deadline, next_check = time.monotonic() + timeout_s, time.monotonic() + 1.0
         last = None
         while time.monotonic() < deadline:
             try:
@@ -259,8 +260,22 @@ class Server:
                     return
             except OSError as e:
                 last = repr(e)
+            if time.monotonic() >= next_check:  # a version the replicas cannot load fails the deployment: stop waiting
+                self._raise_if_failed(version)
+                next_check = time.monotonic() + 1.0
             time.sleep(0.05)
-        raise ServingError(f"serving at {self.url} did not report version {version} within {self.cfg.swap_timeout_s} s (last answer: {last})")
+        raise ServingError(f"serving at {self.url} did not report version {version} within {timeout_s} s (last answer: {last})")
+
+    def _raise_if_failed(self, version: int) -> None:
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(APP_NAME)
+        except Exception:  # noqa: BLE001 a status the controller cannot give now: keep waiting on /version
+            return
+        if app is not None and str(getattr(app.status, "value", app.status)) == "DEPLOY_FAILED":
+            detail = " ".join(str(d.message) for d in app.deployments.values() if d.message) or app.message
+            raise ServingError(f"the deployment failed while loading version {version}: {detail[:1000]}")
 
     def stop(self) -> None:
         from ray import serve

@@ -10,6 +10,8 @@
     │   └── StorageUnavailable       transient: the checkpoint store did not answer; retried
     ├── RunLockedError           another daemon holds this run's lease
     ├── NonFiniteError           a loss, gradient or weight is NaN or infinite
+    ├── StageFailed              a stage cannot go on (its actor died, a streak of NaN steps);
+    │                            the supervisor restores the run from its newest verified checkpoint
     └── ServingError             the serving deployment cannot start or swap
 
 This module depends on nothing, so every layer may raise these.
@@ -57,6 +59,14 @@ class RunLockedError(EverlearnError):
 
 class NonFiniteError(EverlearnError):
     """A loss, gradient or weight is NaN or infinite."""
+
+
+class StageFailed(EverlearnError):
+    """A stage cannot go on by itself; the supervisor restarts it from the newest verified checkpoint."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage} stage failed: {reason}")
+        self.stage, self.reason = stage, reason
 
 
 class ServingError(EverlearnError):

@@ -3,7 +3,8 @@
 Documents are concatenated, each followed by EOS, and cut into windows of
 ``seq_len`` tokens. The packer remembers which token range of which document
 every window holds (its lineage), and its untrained remainder is part of the
-checkpoint, so a restart trains every token exactly once.
+checkpoint (token arrays, stored as safetensors by the daemon), so a restart
+trains every token exactly once.
 """
 
 from collections import deque
@@ -24,6 +25,7 @@ class _Segment:
     tokens: np.ndarray  # the document's untrained tokens (EOS included at the end)
     start: int  # offset of tokens[0] in the whole document
     weight: float | None = None  # replay weight of the document (weighted buffers)
+    provenance: dict[str, Any] | None = None  # where the source read it (file and offset, topic and offset)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Windows(NamedTuple):
     lineage: list[list[Span]]  # per window, the document token ranges it holds
     domains: list[str]  # per window, the domain of its first token
     weights: list[float] | None  # per window, by tokens; None when no document carries a weight
+    provenance: dict[str, dict[str, Any]]  # doc id -> where it was read, for every document in these windows
 
 
 class TokenPacker:
@@ -58,9 +61,10 @@ class TokenPacker:
     def windows_ready(self) -> int:
         return self._pending // self.seq_len
 
-    def add(self, doc_id: str, domain: str, tokens: np.ndarray, weight: float | None = None) -> None:
+    def add(self, doc_id: str, domain: str, tokens: np.ndarray, weight: float | None = None,
+            provenance: dict[str, Any] | None = None) -> None:
         seg = np.concatenate([np.asarray(tokens, dtype=np.int32), np.array([self.eos_id], dtype=np.int32)])
-        self._segments.append(_Segment(doc_id, domain, seg, 0, weight))
+        self._segments.append(_Segment(doc_id, domain, seg, 0, weight, provenance))
         self._pending += len(seg)
 
     def take(self, n: int) -> "Windows":
@@ -72,6 +76,7 @@ class TokenPacker:
         lineage: list[list[Span]] = []
         domains: list[str] = []
         weights: list[float] = []
+        provenance: dict[str, dict[str, Any]] = {}
         weighted = False
         for w in range(n):
             filled, spans, mass = 0, [], 0.0
@@ -81,6 +86,7 @@ class TokenPacker:
                 k = min(self.seq_len - filled, len(seg.tokens))
                 out[w, filled : filled + k] = seg.tokens[:k]
                 spans.append(Span(seg.doc_id, seg.start, seg.start + k))
+                provenance[seg.doc_id] = seg.provenance or {}
                 filled += k
                 if seg.weight is not None:
                     weighted = True
@@ -93,21 +99,35 @@ class TokenPacker:
             lineage.append(spans)
             weights.append(mass / self.seq_len)
         self._pending -= n * self.seq_len
-        return Windows(out, lineage, domains, weights if weighted else None)
+        return Windows(out, lineage, domains, weights if weighted else None, provenance)
 
     def state_dict(self) -> dict[str, Any]:
+        """``arrays``: every pending token in one int32 array, and each document's count; ``meta``: the rest."""
+        segs = list(self._segments)
+        tokens = np.concatenate([s.tokens for s in segs]) if segs else np.zeros(0, dtype=np.int32)
         return {
-            "segments": [
-                {"id": s.doc_id, "domain": s.domain, "start": s.start, "tokens": s.tokens.tolist()}
+            "arrays": {"tokens": tokens.astype(np.int32), "lengths": np.array([len(s.tokens) for s in segs], dtype=np.int64)},
+            "meta": {"segments": [
+                {"id": s.doc_id, "domain": s.domain, "start": s.start}
                 | ({"weight": s.weight} if s.weight is not None else {})
-                for s in self._segments
-            ]
+                | ({"provenance": s.provenance} if s.provenance else {})
+                for s in segs
+            ]},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "arrays" not in state:  # checkpoints before arrays: tokens as JSON lists
+            segments = state["segments"]
+            parts = [np.asarray(s["tokens"], dtype=np.int32) for s in segments]
+        else:
+            segments, lengths = state["meta"]["segments"], np.asarray(state["arrays"]["lengths"], dtype=np.int64)
+            if len(lengths) != len(segments) or int(lengths.sum()) != len(state["arrays"]["tokens"]):
+                raise ValueError(f"packer state: {len(segments)} documents, {len(lengths)} lengths, "
+                                 f"{len(state['arrays']['tokens'])} tokens for {int(lengths.sum())}")
+            parts = np.split(np.asarray(state["arrays"]["tokens"], dtype=np.int32), np.cumsum(lengths)[:-1]) if len(lengths) else []
         self._segments = deque(
-            _Segment(s["id"], s["domain"], np.asarray(s["tokens"], dtype=np.int32), int(s["start"]), s.get("weight"))
-            for s in state["segments"]
+            _Segment(s["id"], s["domain"], p, int(s["start"]), s.get("weight"), s.get("provenance"))
+            for s, p in zip(segments, parts, strict=True)
         )
         self._pending = sum(len(s.tokens) for s in self._segments)
 

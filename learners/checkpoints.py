@@ -5,12 +5,15 @@ Layout under the store's root::
     step-000000120/model.safetensors    weights (safetensors only: never pickle)
     step-000000120/optimizer.pt         optimizer state (read with weights_only=True)
     step-000000120/...                  any other file a writer puts
-    step-000000120/manifest.json        sha256 and size of every file above; written last
-    LATEST                              name of the newest verified checkpoint
+    step-000000120/manifest.json        sha256 and size of every file above; created last, exclusively
+    LATEST                              name of the newest committed checkpoint (a hint)
+    set-aside/step-000000140.<ms>/      a damaged or never-committed checkpoint, moved out of the way
 
-A checkpoint exists only when its manifest exists. ``LATEST`` moves only to a
-manifest whose files were verified. Readers check sha256 and size before they
-hand out a single byte. Directories without a manifest are swept, never loaded.
+A checkpoint exists only when its manifest exists. Readers check sha256 and
+size before they hand out a single byte. The newest checkpoint that verifies
+is the one a run resumes from (LATEST is only where the search starts), and
+every damaged or manifest-less directory is moved aside, never loaded and
+never silently deleted, so its step number is free for the run to use again.
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 
-from everlearn.errors import CheckpointCorruptError, CheckpointError
+from everlearn import failpoints
+from everlearn.errors import CheckpointCorruptError, CheckpointError, StorageUnavailable
+from everlearn.retry import is_transient
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+SET_ASIDE = "set-aside"
 FORMAT = 1
 
 
@@ -59,6 +66,14 @@ class CheckpointRef:
         return cls(uri=d["uri"], name=d["name"], step=int(d["step"]), manifest_sha256=d["manifest_sha256"])
 
 
+@dataclass
+class SetAside:
+    """What a recovery or a sweep moved out of the way (``name``, where to, why) and deleted."""
+
+    moved: list[tuple[str, str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
 def digest(data: bytes) -> FileEntry:
     return FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
@@ -68,14 +83,16 @@ def step_name(step: int) -> str:
 
 
 class CheckpointStore:
-    """Write, verify, list and sweep checkpoints under ``url`` (file://, s3://, memory://, ...)."""
+    """Write, verify, list, recover and sweep checkpoints under ``url`` (file://, s3://, memory://, ...)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, keep_set_aside: int = 8):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        self.keep_set_aside = keep_set_aside
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = self.root.rstrip("/")
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.local = protocol in ("file", "local")
         self._prefix = f"{protocol}://" if protocol != "file" else "file://"
 
     # -- paths -------------------------------------------------------------
@@ -86,24 +103,41 @@ class CheckpointStore:
         path = self._path(name)
         return self._prefix + path if not path.startswith(self._prefix) else path
 
+    def _io(self, what: str, fn, *args, **kwargs):
+        """Storage call; a transient failure becomes StorageUnavailable (the caller retries)."""
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except Exception as e:
+            if is_transient(e):
+                raise StorageUnavailable(f"checkpoint store {self.url} did not answer ({what}): {type(e).__name__}: {e}") from e
+            raise
+
     # -- writing -----------------------------------------------------------
+    def begin(self, step: int) -> SetAside:
+        """Make way for the checkpoint of ``step``: a leftover uncommitted directory of it is moved aside."""
+        name, out = step_name(step), SetAside()
+        if self._io("exists", self.fs.exists, self._path(name)):
+            if self._io("exists", self.fs.exists, self._path(name, MANIFEST)):
+                raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable")
+            out.moved.append(self.set_aside(name, "an earlier write of this step never committed"))
+        return out
+
     def put(self, step: int, name: str, data: bytes) -> FileEntry:
         """Write one file of the checkpoint for ``step``; returns its digest for the manifest."""
         if "/" in name or name in (MANIFEST, LATEST):
             raise ValueError(f"bad checkpoint file name {name!r}")
-        self.fs.makedirs(self._path(step_name(step)), exist_ok=True)
-        self.fs.pipe_file(self._path(step_name(step), name), data)
+        self._io("makedirs", self.fs.makedirs, self._path(step_name(step)), exist_ok=True)
+        self._io(f"write {name}", self.fs.pipe_file, self._path(step_name(step), name), data)
         return digest(data)
 
     def commit(self, step: int, files: dict[str, FileEntry], meta: dict[str, Any] | None = None) -> CheckpointRef:
-        """Verify the files, write the manifest (last), then point LATEST at it."""
+        """Verify the files, create the manifest (last, exclusively), then point LATEST at it."""
         name = step_name(step)
-        manifest_path = self._path(name, MANIFEST)
-        if self.fs.exists(manifest_path):
-            raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable")
         for fname, entry in files.items():
             try:
-                got = digest(self.fs.cat_file(self._path(name, fname)))
+                got = digest(self._io(f"read {fname}", self.fs.cat_file, self._path(name, fname)))
             except FileNotFoundError as e:
                 raise CheckpointCorruptError(f"{self.uri(name)}/{fname} was written but is missing on storage") from e
             if got != entry:
@@ -111,29 +145,48 @@ class CheckpointStore:
                     f"{self.uri(name)}/{fname}: sha256 {got.sha256} size {got.size} on storage, "
                     f"sha256 {entry.sha256} size {entry.size} written; not committing this checkpoint"
                 )
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "created_unix": time.time(),
-            "files": {k: asdict(v) for k, v in sorted(files.items())},
-            "meta": meta or {},
-        }
+        manifest = {"format": FORMAT, "step": step, "created_unix": time.time(),
+                    "files": {k: asdict(v) for k, v in sorted(files.items())}, "meta": meta or {}}
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        self.fs.pipe_file(manifest_path, data)
+        try:
+            self._create(self._path(name, MANIFEST), data)
+        except FileExistsError as e:
+            raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable") from e
+        failpoints.hit("checkpoint.manifest_written")
         ref = CheckpointRef(uri=self.uri(name), name=name, step=step, manifest_sha256=digest(data).sha256)
         self.verify(ref)
-        self._set_latest(name)
+        self._replace(self._path(LATEST), name.encode())
         return ref
 
-    def _set_latest(self, name: str) -> None:
-        tmp = self._path(f".{LATEST}.tmp")
-        self.fs.pipe_file(tmp, name.encode())
-        self.fs.mv(tmp, self._path(LATEST))
+    def _create(self, path: str, data: bytes) -> None:
+        """Write ``path`` only if it does not exist, all at once (FileExistsError otherwise)."""
+        if not self.local:  # object stores: a conditional create (If-None-Match: *)
+            try:
+                self._io("create manifest", self.fs.pipe_file, path, data, mode="create")
+            except OSError as e:
+                if "PreconditionFailed" in str(e) or "412" in str(e):
+                    raise FileExistsError(path) from e
+                raise
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and exclusive: a complete file or none
+        finally:
+            os.unlink(tmp)
+
+    def _replace(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp"
+        self._io("write", self.fs.pipe_file, tmp, data)
+        self._io("rename", self.fs.mv, tmp, path)
 
     # -- reading -----------------------------------------------------------
     def _manifest_bytes(self, name: str) -> bytes:
         try:
-            return self.fs.cat_file(self._path(name, MANIFEST))
+            return self._io("read manifest", self.fs.cat_file, self._path(name, MANIFEST))
         except FileNotFoundError as e:
             raise CheckpointError(f"no manifest at {self.uri(name)}: the checkpoint was never committed") from e
 
@@ -157,7 +210,7 @@ class CheckpointStore:
         if entry is None:
             raise CheckpointError(f"{ref.uri} has no file {name!r}")
         try:
-            data = self.fs.cat_file(self._path(ref.name, name))
+            data = self._io(f"read {name}", self.fs.cat_file, self._path(ref.name, name))
         except FileNotFoundError as e:
             raise CheckpointCorruptError(f"{ref.uri}/{name} is listed in the manifest but missing") from e
         got = digest(data)
@@ -173,47 +226,94 @@ class CheckpointStore:
             self.read(ref, name)
 
     def list(self) -> list[CheckpointRef]:
-        """Committed checkpoints, oldest first."""
+        """Committed checkpoints whose manifest parses, oldest first."""
         refs = []
         for name in self._step_dirs():
-            if self.fs.exists(self._path(name, MANIFEST)):
-                with contextlib.suppress(CheckpointCorruptError):
-                    refs.append(self.ref(name))
+            with contextlib.suppress(CheckpointError):
+                refs.append(self.ref(name))
         return sorted(refs, key=lambda r: r.step)
 
     def _step_dirs(self) -> list[str]:
-        if not self.fs.exists(self.root):
+        self.fs.invalidate_cache(self.root)
+        if not self._io("exists", self.fs.exists, self.root):
             return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", self.fs.ls, self.root, detail=False)]
         return sorted(n for n in names if n.startswith("step-"))
 
     def latest(self) -> CheckpointRef | None:
-        """The newest checkpoint that verifies: LATEST if it does, else the newest that does."""
-        candidates: list[str] = []
-        with contextlib.suppress(FileNotFoundError):
-            candidates.append(self.fs.cat_file(self._path(LATEST)).decode().strip())
-        candidates += [r.name for r in reversed(self.list())]
-        for name in candidates:
+        """The newest checkpoint that verifies, by step (without moving anything)."""
+        for name in reversed(self._step_dirs()):
             try:
                 ref = self.ref(name)
                 self.verify(ref)
                 return ref
+            except StorageUnavailable:
+                raise  # an outage says nothing about the checkpoint
             except CheckpointError:
                 continue
         return None
 
-    def sweep(self, keep_last: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
-        """Delete uncommitted directories and committed ones beyond the newest ``keep_last``.
+    # -- recovery and retention ----------------------------------------------
+    def recover(self) -> tuple[CheckpointRef | None, SetAside]:
+        """The newest checkpoint that verifies; every newer or manifest-less directory is moved aside.
 
-        ``protect`` names checkpoints that must stay (e.g. the served version).
-        Returns the names removed.
+        Storage outages raise StorageUnavailable and move nothing: only a checkpoint
+        that was read and found wrong is set aside.
         """
+        out, found = SetAside(), None
+        for name in reversed(self._step_dirs()):
+            try:
+                ref = self.ref(name)
+                if found is None:
+                    self.verify(ref)
+                    found = ref
+            except StorageUnavailable:
+                raise
+            except CheckpointError as e:
+                out.moved.append(self.set_aside(name, str(e)))
+        if found is not None:
+            with contextlib.suppress(StorageUnavailable):
+                self._replace(self._path(LATEST), found.name.encode())
+        return found, out
+
+    def set_aside(self, name: str, reason: str) -> tuple[str, str, str]:
+        """Move checkpoint directory ``name`` under set-aside/ with a note of why; returns (name, new uri, reason)."""
+        dest = f"{SET_ASIDE}/{name}.{int(time.time() * 1000)}"
+        self._io("mkdir", self.fs.makedirs, self._path(SET_ASIDE), exist_ok=True)
+        self._io("move aside", self.fs.mv, self._path(name), self._path(dest), recursive=True)
+        note = json.dumps({"name": name, "reason": reason, "unix": time.time()}).encode()
+        with contextlib.suppress(OSError, StorageUnavailable):
+            self._io("write note", self.fs.pipe_file, self._path(dest, "SET_ASIDE.json"), note)
+        return name, self.uri(dest), reason
+
+    def sweep(self, keep_last: int, protect: set[str] | frozenset[str] = frozenset()) -> SetAside:
+        """Retention: delete committed checkpoints beyond the newest ``keep_last``; move uncommitted ones aside.
+
+        ``protect`` names checkpoints that must stay (the served version, a candidate
+        being judged). Set-aside directories beyond the newest ``keep_set_aside`` are deleted.
+        """
+        out = SetAside()
         committed = [r.name for r in self.list()]
         keep = set(committed[-keep_last:]) if keep_last > 0 else set()
         keep |= set(protect)
-        removed = []
         for name in self._step_dirs():
-            if name not in keep:
-                self.fs.rm(self._path(name), recursive=True)
-                removed.append(name)
-        return removed
+            if name in keep:
+                continue
+            if name in committed:
+                self._io("delete", self.fs.rm, self._path(name), recursive=True)
+                out.removed.append(name)
+            else:
+                out.moved.append(self.set_aside(name, "no manifest: a write that never committed"))
+        out.removed += self._trim_set_aside()
+        return out
+
+    def _trim_set_aside(self) -> list[str]:
+        base = self._path(SET_ASIDE)
+        if not self._io("exists", self.fs.exists, base):
+            return []
+        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", self.fs.ls, base, detail=False)),
+                         key=lambda n: int(n.rsplit(".", 1)[-1]) if n.rsplit(".", 1)[-1].isdigit() else 0)
+        old = entries[: max(0, len(entries) - self.keep_set_aside)]
+        for name in old:
+            self._io("delete", self.fs.rm, f"{base}/{name}", recursive=True)
+        return [f"{SET_ASIDE}/{n}" for n in old]

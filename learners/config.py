@@ -18,4 +18,5 @@ class TrainConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs the learner actor reserves in Ray.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs the learner actor reserves in Ray; > 0 trains on CUDA.")
     eval_batch_size: int = Field(16, ge=1, description="Sequences per forward pass when the gates evaluate losses.")
+    queue_windows: int = Field(64, ge=1, description="Packed windows ingest may hold ready ahead of training (the bounded queue: backpressure on the source).")  # 8 batches of 8: the learner never waits while the stream has data
     seed: int = Field(0, description="Seed of torch in the learner (dropout, if any).")

@@ -1,15 +1,20 @@
-"""The learner: one model, AdamW and the infinite schedule; run as a Ray actor by the daemon.
+"""The learner: one model, AdamW and the infinite schedule; run as a Ray actor by the train stage.
 
-Plain class, so unit tests drive it in-process; the daemon wraps it with
+Plain class, so unit tests drive it in-process; the train stage wraps it with
 ``ray.remote``. It writes its own checkpoint files (weights, optimizer, step)
 into the store and returns their digests; the daemon commits the manifest.
+
+A step whose loss or gradient norm is not finite is skipped: no optimizer
+update, weights and optimizer state untouched, the step counter unchanged;
+the stats say why, and the caller quarantines the batch. Weights that are not
+finite are never written to a checkpoint. The learner holds one model: other
+checkpoints are evaluated by the judge's evaluator, not here.
 """
 
 import io
 import json
 import math
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +23,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from everlearn import failpoints
+from everlearn.errors import NonFiniteError
 from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
 from everlearn.learners.config import TrainConfig
 from everlearn.learners.model import ModelConfig, build_model, build_tokenizer
@@ -26,7 +33,6 @@ from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 LEARNER_STATE = "learner.json"
-EVAL_CACHE = 2  # candidate and serving
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class StepStats:
     grad_norm: float
     tokens: int  # tokens that carried a loss
     seconds: float
+    skipped: str | None = None  # why the step was skipped (non-finite loss or gradient); None: taken
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +105,6 @@ class Learner:
         )
         self.step = 0
         self.store = CheckpointStore(store_url, storage_options)
-        # checkpoints evaluated lately, by manifest sha256: a judgement alternates candidate and serving
-        self._eval_models: OrderedDict[str, torch.nn.Module] = OrderedDict()
 
     def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> StepStats:
         t0 = time.perf_counter()
@@ -111,42 +116,43 @@ class Learner:
         ids, mask = _inputs(tokens, lengths, self.device)
         labels = ids.masked_fill(~mask, -100)
         loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        if failpoints.hit("learner.loss") == "nan":  # tests: a batch whose loss is NaN
+            loss = loss * float("nan")
         loss_value = float(loss.detach())
+        n_tokens = int(mask[:, 1:].sum())
         if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite training loss {loss_value} at step {self.step}; lower schedule.peak_lr or check the data")
+            return self._skip(f"non-finite loss {loss_value}", loss_value, float("nan"), lr, n_tokens, t0)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip))
+        if not math.isfinite(grad_norm):
+            return self._skip(f"non-finite gradient norm {grad_norm}", loss_value, grad_norm, lr, n_tokens, t0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepStats(
-            step=self.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
-            tokens=int(mask[:, 1:].sum()), seconds=time.perf_counter() - t0,
-        )
+        return StepStats(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=n_tokens, seconds=time.perf_counter() - t0)
 
-    def evaluate(self, tokens: np.ndarray, lengths: np.ndarray, ref: CheckpointRef | None = None) -> float:
-        """Mean next-token loss (nats) over the sequences, of the live model or of checkpoint ``ref``."""
+    def _skip(self, why: str, loss: float, grad_norm: float, lr: float, tokens: int, t0: float) -> StepStats:
+        """No update: gradients dropped, weights, optimizer state and step as they were."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                         seconds=time.perf_counter() - t0, skipped=why)
+
+    def evaluate(self, tokens: np.ndarray, lengths: np.ndarray) -> float:
+        """Mean next-token loss (nats) of the live model over the sequences."""
         if len(tokens) == 0:
             return float("nan")
-        model = self.model if ref is None else self._checkpoint_model(ref)
-        total, count = token_losses(model, tokens, lengths, self.train_cfg.eval_batch_size)
+        total, count = token_losses(self.model, tokens, lengths, self.train_cfg.eval_batch_size)
         return total / max(count, 1)
 
-    def _checkpoint_model(self, ref: CheckpointRef) -> torch.nn.Module:
-        model = self._eval_models.get(ref.manifest_sha256)
-        if model is None:
-            model = build_model(self.model_cfg, self.tokenizer).to(self.device)
-            load_weights(model, CheckpointStore(ref.store_url, self.store.storage_options), ref)
-            self._eval_models[ref.manifest_sha256] = model
-            while len(self._eval_models) > EVAL_CACHE:
-                self._eval_models.popitem(last=False)
-        self._eval_models.move_to_end(ref.manifest_sha256)
-        return model
+    def finite(self) -> bool:
+        """True when every weight is finite (checked before a checkpoint is written)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     # -- checkpointing -------------------------------------------------------
     def save(self, step: int) -> dict[str, FileEntry]:
-        """Write weights, optimizer and learner state into the checkpoint for ``step``."""
+        """Write weights, optimizer and learner state into the checkpoint for ``step``; never non-finite weights."""
+        if not self.finite():
+            raise NonFiniteError(f"the model's weights hold NaN or infinite values at step {self.step}; not checkpointing them")
         buf = io.BytesIO()
         torch.save(self.optimizer.state_dict(), buf)
         state = {"step": self.step, "schedule": self.schedule.state_dict()}

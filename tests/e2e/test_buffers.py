@@ -91,7 +91,7 @@ def test_buffer_kind_runs_boosts_replay_after_a_shift_and_resumes(kind, tmp_path
         assert dead == []
 
     # restart with more data: the buffer comes back identical, and the shift anchor with it
-    state = json.loads(store.read(ref, "daemon.json"))
+    state = json.loads(store.read(ref, "train.json"))
     assert state["replay"]["shift_step"] == shifts[-1]["step"]  # the boost starts at the step after the shifting one
     _write(stream, "02-python.jsonl", more)
     daemon2 = DaemonProcess(config, "--max-steps", "3", log=tmp_path / "run2.log")

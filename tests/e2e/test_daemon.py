@@ -18,7 +18,8 @@ from everlearn.buffers import UniformReservoir
 from everlearn.buffers.persist import from_files
 from everlearn.daemon import demo
 from everlearn.daemon.holdout import held_out
-from everlearn.daemon.service import DAEMON_STATE, buffer_digest
+from everlearn.daemon.runstate import DAEMON_STATE, INGEST_META
+from everlearn.daemon.service import buffer_digest
 from everlearn.learners import CheckpointStore, build_tokenizer
 from everlearn.learners.model import ModelConfig
 from tests.e2e.helpers import EVERLEARN, DaemonProcess, get_json, post_json, tiny_config, wait_for
@@ -40,7 +41,7 @@ def _write_stream(stream: Path, name: str, domain: str, docs: list[tuple[str, st
 
 
 def _checkpoint_state(store: CheckpointStore, ref, seq_len: int, capacity: int):
-    state = json.loads(store.read(ref, DAEMON_STATE))
+    state = {**json.loads(store.read(ref, DAEMON_STATE)), **json.loads(store.read(ref, INGEST_META))}
     buf = UniformReservoir(capacity, seq_len)
     buf.load_state_dict(from_files("buffer", lambda name: store.read(ref, name)))
     return state, buf
@@ -165,9 +166,10 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
     pending = {s["id"]: s["start"] for s in state2["packer"]["segments"]}
     tok = build_tokenizer(ModelConfig())
     docs = {doc_id: text for doc_id, text in man + py + py_more}
-    offsets = state2["source"]["position"]["offsets"]
-    assert offsets["00-manpages.jsonl"] == (stream / "00-manpages.jsonl").stat().st_size
-    assert offsets["01-python.jsonl"] == (stream / "01-python.jsonl").stat().st_size
+    position = state2["source"]["position"]
+    for name in ("00-manpages.jsonl", "01-python.jsonl"):  # read to the end: still open at its size, or closed behind the watermark
+        open_file = position["files"].get(name)
+        assert (open_file["offset"] == (stream / name).stat().st_size) if open_file else position["dirs"][""]["after"] >= name
     polled = {doc_id for doc_id, _ in man + py}
     polled |= {doc_id for doc_id in docs if doc_id in spans or doc_id in pending}
     for doc_id in polled:

@@ -51,7 +51,7 @@ def test_windows_are_the_stream_cut_into_seq_len_pieces():
     assert packer.pending_tokens == len(expected)
     assert packer.windows_ready() == len(expected) // seq_len
 
-    windows, _, _, _ = packer.take(packer.windows_ready())
+    windows, _, _, _, _ = packer.take(packer.windows_ready())
     assert windows.dtype == np.int32
     assert windows.shape == (len(expected) // seq_len, seq_len)
     assert windows.ravel().tolist() == expected[: windows.size]
@@ -66,13 +66,13 @@ def test_small_example_by_hand():
     packer.add("c", "z", np.array([], dtype=np.int32))
     # stream: 10 11 12 EOS | 20 21 22 23 | 24 EOS EOS(c)
     assert packer.pending_tokens == 11
-    windows, lineage, domains, _ = packer.take(2)
+    windows, lineage, domains, _, _ = packer.take(2)
     assert windows.tolist() == [[10, 11, 12, EOS], [20, 21, 22, 23]]
     assert lineage == [[Span("a", 0, 4)], [Span("b", 0, 4)]]
     assert domains == ["x", "y"]
     assert packer.pending_tokens == 3
     packer.add("d", "w", np.array([30, 31]))
-    windows, lineage, domains, _ = packer.take(1)
+    windows, lineage, domains, _, _ = packer.take(1)
     assert windows.tolist() == [[24, EOS, EOS, 30]]
     assert lineage == [[Span("b", 4, 6), Span("c", 0, 1), Span("d", 0, 1)]]
     assert domains == ["y"]
@@ -93,7 +93,7 @@ def test_lineage_covers_every_token_exactly_once_in_order():
         n = packer.windows_ready()
         if n == 0:
             continue
-        windows, lineage, domains, _ = packer.take(n)
+        windows, lineage, domains, _, _ = packer.take(n)
         for window, spans, dom in zip(windows, lineage, domains, strict=True):
             # the spans of one window add up to the window and name its tokens
             assert sum(s.end - s.start for s in spans) == seq_len
@@ -111,7 +111,7 @@ def test_lineage_covers_every_token_exactly_once_in_order():
     owners = owner_of(docs)
     rest = packer.pending_tokens
     if packer.windows_ready():
-        _, lineage, _, _ = packer.take(packer.windows_ready())
+        _, lineage, _, _, _ = packer.take(packer.windows_ready())
         covered.extend((s.doc_id, off) for spans in lineage for s in spans for off in range(s.start, s.end))
     # in order, no token twice, no gap; only the untaken remainder is missing
     assert covered == owners[: len(covered)]
@@ -125,7 +125,7 @@ def test_take_more_than_ready_raises_and_changes_nothing():
     with pytest.raises(ValueError):
         packer.take(2)
     assert packer.pending_tokens == 7
-    windows, _, _, _ = packer.take(1)
+    windows, _, _, _, _ = packer.take(1)
     assert windows.tolist() == [[10, 11, 12, 13]]
     with pytest.raises(ValueError):
         packer.take(1)
@@ -133,7 +133,7 @@ def test_take_more_than_ready_raises_and_changes_nothing():
 
 def test_take_zero_on_empty_packer():
     packer = TokenPacker(seq_len=4, eos_id=EOS)
-    windows, lineage, domains, _ = packer.take(0)
+    windows, lineage, domains, _, _ = packer.take(0)
     assert windows.shape == (0, 4) and lineage == [] and domains == []
     with pytest.raises(ValueError):
         packer.take(1)
@@ -146,7 +146,8 @@ def test_state_dict_mid_stream_continues_identically():
     for d in docs[:15]:
         a.add(*d)
     a.take(a.windows_ready() - 1)  # leave a window and a partly consumed document behind
-    state = json.loads(json.dumps(a.state_dict()))  # stored as JSON in the daemon's checkpoint
+    state = a.state_dict()
+    state = {"arrays": {k: v.copy() for k, v in state["arrays"].items()}, "meta": json.loads(json.dumps(state["meta"]))}
 
     b = TokenPacker(seq_len=seq_len, eos_id=EOS)
     b.add("junk", "j", np.arange(3, 40))  # replaced by the loaded state
@@ -159,11 +160,14 @@ def test_state_dict_mid_stream_continues_identically():
         b.add(*d)
         n = a.windows_ready()
         assert b.windows_ready() == n
-        wa, la, da, _ = a.take(n)
-        wb, lb, db, _ = b.take(n)
+        wa, la, da, _, _ = a.take(n)
+        wb, lb, db, _, _ = b.take(n)
         np.testing.assert_array_equal(wa, wb)
         assert la == lb and da == db
-    assert a.state_dict() == b.state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["meta"] == sb["meta"]
+    for k in sa["arrays"]:
+        np.testing.assert_array_equal(sa["arrays"][k], sb["arrays"][k])
 
 
 def test_restored_packer_reproduces_the_uninterrupted_stream():
@@ -172,17 +176,17 @@ def test_restored_packer_reproduces_the_uninterrupted_stream():
     whole = TokenPacker(seq_len=seq_len, eos_id=EOS)
     for d in docs:
         whole.add(*d)
-    ref_windows, ref_lineage, _, _ = whole.take(whole.windows_ready())
+    ref_windows, ref_lineage, _, _, _ = whole.take(whole.windows_ready())
 
     first = TokenPacker(seq_len=seq_len, eos_id=EOS)
     for d in docs[:10]:
         first.add(*d)
-    w1, l1, _, _ = first.take(first.windows_ready())
+    w1, l1, _, _, _ = first.take(first.windows_ready())
     second = TokenPacker(seq_len=seq_len, eos_id=EOS)
     second.load_state_dict(first.state_dict())
     for d in docs[10:]:
         second.add(*d)
-    w2, l2, _, _ = second.take(second.windows_ready())
+    w2, l2, _, _, _ = second.take(second.windows_ready())
     np.testing.assert_array_equal(np.concatenate([w1, w2]), ref_windows)
     assert l1 + l2 == ref_lineage
 
@@ -193,7 +197,7 @@ def test_window_weights_are_token_weighted_means_across_document_boundaries():
     packer.add("b", "y", np.array([20, 21, 22, 23, 24]), weight=0.5)  # 6
     packer.add("c", "z", np.array([], dtype=np.int32))  # 1 (EOS only), no weight: counts 1.0
     packer.add("d", "w", np.array([40, 41, 42]), weight=3.0)  # 4
-    windows, lineage, domains, weights = packer.take(3)
+    windows, lineage, domains, weights, _ = packer.take(3)
     assert lineage == [
         [Span("a", 0, 4), Span("b", 0, 1)],
         [Span("b", 1, 6)],
@@ -222,7 +226,7 @@ def test_window_weights_are_none_without_weighted_documents():
     taken = packer.take(packer.windows_ready())
     assert len(taken.tokens) > 0
     assert taken.weights is None
-    assert taken == (taken.tokens, taken.lineage, taken.domains, None)  # a plain 4-tuple too
+    assert taken == (taken.tokens, taken.lineage, taken.domains, None, taken.provenance)  # a plain tuple too
 
 
 def test_state_round_trip_keeps_weights():
@@ -233,9 +237,11 @@ def test_state_round_trip_keeps_weights():
     for doc_id, dom, toks in docs[:8]:
         a.add(doc_id, dom, toks, weight=weight_of[doc_id])
     a.take(a.windows_ready() - 1)  # a weighted document is left partly consumed
-    state = json.loads(json.dumps(a.state_dict()))
-    assert {s["id"]: s.get("weight") for s in state["segments"]} == {s["id"]: weight_of[s["id"]] for s in state["segments"]}
-    assert any(s.get("weight") for s in state["segments"])
+    state = a.state_dict()
+    state["meta"] = json.loads(json.dumps(state["meta"]))
+    segments = state["meta"]["segments"]
+    assert {s["id"]: s.get("weight") for s in segments} == {s["id"]: weight_of[s["id"]] for s in segments}
+    assert any(s.get("weight") for s in segments)
 
     b = TokenPacker(seq_len=seq_len, eos_id=EOS)
     b.load_state_dict(state)
@@ -341,3 +347,28 @@ def test_remember_adds_fresh_windows_with_domains():
     np.testing.assert_array_equal(buf.slots.lengths[:2], [4, 4])
     assert buf.domain_counts() == {"news": 1, "code": 1}
     assert mixer.n_replay() == 1  # replay starts once the buffer holds something
+
+
+def test_state_is_token_arrays_plus_document_metadata_and_old_json_states_still_load():
+    packer = TokenPacker(seq_len=4, eos_id=EOS)
+    packer.add("a", "x", np.array([5, 6, 7]), provenance={"file": "f.jsonl", "offset": 0})
+    packer.add("b", "y", np.array([8, 9]))
+    packer.take(1)  # a's 3 tokens and its EOS
+    state = packer.state_dict()
+    np.testing.assert_array_equal(state["arrays"]["tokens"], [8, 9, EOS])
+    assert state["arrays"]["tokens"].dtype == np.int32 and list(state["arrays"]["lengths"]) == [3]
+    assert state["meta"] == {"segments": [{"id": "b", "domain": "y", "start": 0}]}
+    old = {"segments": [{"id": "b", "domain": "y", "start": 0, "tokens": [8, 9, EOS]}]}
+    again = TokenPacker(seq_len=4, eos_id=EOS)
+    again.load_state_dict(old)
+    assert again.pending_tokens == 3
+    with pytest.raises(ValueError, match="lengths"):
+        again.load_state_dict({"arrays": {"tokens": np.zeros(2, np.int32), "lengths": np.array([3])}, "meta": state["meta"]})
+
+
+def test_windows_carry_the_provenance_of_their_documents():
+    packer = TokenPacker(seq_len=4, eos_id=EOS)
+    packer.add("a", "x", np.array([5, 6]), provenance={"file": "f.jsonl", "offset": 0})
+    packer.add("b", "x", np.array([8, 9, 10]), provenance={"file": "f.jsonl", "offset": 30})
+    taken = packer.take(1)
+    assert taken.provenance == {"a": {"file": "f.jsonl", "offset": 0}, "b": {"file": "f.jsonl", "offset": 30}}

@@ -8,7 +8,7 @@ from uuid import uuid4
 import fsspec
 import pytest
 
-from everlearn.errors import CheckpointCorruptError, CheckpointError
+from everlearn.errors import CheckpointCorruptError, CheckpointError, StorageUnavailable
 from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
 
 pytestmark = pytest.mark.unit
@@ -40,6 +40,13 @@ def flip_byte(store, ref, name, index=0):
         data = bytearray(store.fs.cat_file(path))
         data[index] ^= 0x01
         store.fs.pipe_file(path, bytes(data))
+
+
+def set_aside_names(store):
+    base = f"{store.root}/set-aside"
+    if not store.fs.exists(base):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in store.fs.ls(base, detail=False))
 
 
 def stored_names(store):
@@ -248,8 +255,8 @@ def test_latest_when_latest_file_is_missing_or_stale(store):
     assert store.latest() == r2  # falls back to listing
     store.fs.pipe_file(f"{store.root}/LATEST", b"step-000000099")  # names nothing
     assert store.latest() == r2
-    store.fs.pipe_file(f"{store.root}/LATEST", r1.name.encode())  # older but valid: LATEST wins
-    assert store.latest() == r1
+    store.fs.pipe_file(f"{store.root}/LATEST", r1.name.encode())  # a crash before LATEST moved: the newest still wins
+    assert store.latest() == r2
 
 
 def test_latest_skips_newest_with_unparseable_manifest(store):
@@ -276,15 +283,18 @@ def test_uncommitted_directory_only(store):
     store.put(5, "w", b"x")
     assert store.list() == []
     assert store.latest() is None
-    assert store.sweep(keep_last=3) == ["step-000000005"]
+    swept = store.sweep(keep_last=3)
+    assert swept.removed == [] and [m[0] for m in swept.moved] == ["step-000000005"]
     assert "step-000000005" not in stored_names(store)
+    assert set_aside_names(store) == ["step-000000005"]  # moved, never silently deleted
 
 
 def test_sweep_removes_uncommitted_and_keeps_last(store):
     refs = [write(store, s, {"w": str(s).encode()}) for s in (1, 2, 3, 4, 5)]
     store.put(6, "w", b"orphan")
-    removed = store.sweep(keep_last=2)
-    assert sorted(removed) == ["step-000000001", "step-000000002", "step-000000003", "step-000000006"]
+    swept = store.sweep(keep_last=2)
+    assert sorted(swept.removed) == ["step-000000001", "step-000000002", "step-000000003"]
+    assert [m[0] for m in swept.moved] == ["step-000000006"]
     assert store.list() == refs[-2:]
     assert [n for n in stored_names(store) if n.startswith("step-")] == ["step-000000004", "step-000000005"]
     assert "LATEST" in stored_names(store)
@@ -292,12 +302,13 @@ def test_sweep_removes_uncommitted_and_keeps_last(store):
     for r in refs[-2:]:
         store.verify(r)
     # nothing left to do the second time
-    assert store.sweep(keep_last=2) == []
+    again = store.sweep(keep_last=2)
+    assert again.removed == [] and again.moved == []
 
 
 def test_sweep_keeps_protected(store):
     refs = [write(store, s, {"w": str(s).encode()}) for s in (10, 20, 30, 40)]
-    removed = store.sweep(keep_last=1, protect={refs[0].name})
+    removed = store.sweep(keep_last=1, protect={refs[0].name}).removed
     assert sorted(removed) == [refs[1].name, refs[2].name]
     assert store.list() == [refs[0], refs[3]]
     assert store.read(refs[0], "w") == b"10"
@@ -305,16 +316,88 @@ def test_sweep_keeps_protected(store):
 
 def test_sweep_keep_last_zero_removes_all_unprotected(store):
     refs = [write(store, s, {"w": b"x"}) for s in (1, 2, 3)]
-    removed = store.sweep(keep_last=0, protect=frozenset({refs[1].name}))
+    removed = store.sweep(keep_last=0, protect=frozenset({refs[1].name})).removed
     assert sorted(removed) == [refs[0].name, refs[2].name]
     assert store.list() == [refs[1]]
 
 
 def test_sweep_keep_last_larger_than_count(store):
     refs = [write(store, s, {"w": b"x"}) for s in (1, 2)]
-    assert store.sweep(keep_last=10) == []
+    assert store.sweep(keep_last=10).removed == []
     assert store.list() == refs
 
 
 def test_sweep_on_an_empty_store(store):
-    assert store.sweep(keep_last=1) == []
+    swept = store.sweep(keep_last=1)
+    assert swept.removed == [] and swept.moved == []
+
+
+# -- recovery: the newest checkpoint that verifies; the rest moved aside -------------
+
+
+def test_recover_moves_damaged_and_uncommitted_newer_checkpoints_aside(store):
+    r1 = write(store, 10, {"w": b"one"})
+    r2 = write(store, 20, {"w": b"two"})
+    flip_byte(store, r2, "w")
+    store.put(30, "w", b"half-written")  # a crash before the manifest
+    ref, set_aside = store.recover()
+    assert ref == r1
+    moved = {name: reason for name, _, reason in set_aside.moved}
+    assert set(moved) == {r2.name, "step-000000030"}
+    assert "sha256" in moved[r2.name] and "never committed" in moved["step-000000030"]
+    assert set_aside_names(store) == sorted(moved)
+    assert [n for n in stored_names(store) if n.startswith("step-")] == [r1.name]
+    assert store.fs.cat_file(f"{store.root}/LATEST").decode() == r1.name
+    # the damaged step's number is free again: the run commits it anew
+    r2b = write(store, 20, {"w": b"two, again"})
+    assert store.latest() == r2b
+
+
+def test_recover_keeps_older_good_checkpoints_and_notes_why(store):
+    refs = [write(store, s, {"w": str(s).encode()}) for s in (1, 2, 3)]
+    store.fs.rm(f"{store.root}/{refs[2].name}/w")
+    ref, set_aside = store.recover()
+    assert ref == refs[1] and store.list() == refs[:2]
+    (name, uri, reason), = set_aside.moved
+    note = json.loads(store.fs.cat_file(f"{store.root}/set-aside/{uri.rsplit('/', 1)[-1]}/SET_ASIDE.json"))
+    assert note["name"] == name == refs[2].name
+    assert note["reason"] == reason and "missing" in reason
+
+
+def test_recover_on_an_empty_or_all_damaged_store(store):
+    ref, set_aside = store.recover()
+    assert ref is None and set_aside.moved == []
+    r = write(store, 5, {"w": b"x"})
+    flip_byte(store, r, "manifest.json", 0)
+    ref, set_aside = store.recover()
+    assert ref is None and [m[0] for m in set_aside.moved] == [r.name]
+
+
+def test_begin_moves_a_leftover_partial_write_aside_and_refuses_a_committed_step(store):
+    store.put(7, "w", b"from a crashed attempt")
+    assert [m[0] for m in store.begin(7).moved] == ["step-000000007"]
+    r = write(store, 7, {"w": b"fresh"})
+    assert store.read(r, "w") == b"fresh"
+    with pytest.raises(CheckpointError, match="already committed"):
+        store.begin(7)
+
+
+def test_set_aside_keeps_only_the_newest_few(store):
+    small = CheckpointStore(store.url, keep_set_aside=2)
+    for s in (1, 2, 3):
+        small.put(s, "w", b"orphan")
+        small.sweep(keep_last=1)
+    assert set_aside_names(small) == ["step-000000002", "step-000000003"]
+
+
+def test_an_outage_while_recovering_moves_nothing(store, monkeypatch):
+    r = write(store, 3, {"w": b"x"})
+
+    def down(*args, **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(store.fs, "cat_file", down)
+    with pytest.raises(StorageUnavailable, match="did not answer"):
+        store.recover()
+    monkeypatch.undo()
+    assert store.recover()[0] == r and set_aside_names(store) == []

@@ -166,7 +166,9 @@ def test_state_dict_round_trip():
     for d in range(12):
         w.add(rng.integers(1, 250, size=int(rng.integers(2, 3 * SEQ))).astype(np.int32), f"d{d % 3}")
     state = w.state_dict()
-    json.dumps(state["fresh"])  # the fresh part is plain JSON
+    json.dumps(state["fresh"]["meta"])  # metadata is JSON, tokens are arrays
+    assert state["fresh"]["arrays"]["tokens"].dtype == np.int32
+    assert int(state["fresh"]["arrays"]["lengths"].sum()) == len(state["fresh"]["arrays"]["tokens"])
     json.dumps(state["old"]["meta"])
 
     back = windows(fresh_capacity=3, old_capacity=4, max_sequences_per_doc=2)

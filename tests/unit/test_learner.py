@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import ByT5Tokenizer
 
-from everlearn.errors import CheckpointCorruptError, ModelLoadError
+from everlearn import failpoints
+from everlearn.deploy.evaluator import Evaluator
+from everlearn.errors import CheckpointCorruptError, ModelLoadError, NonFiniteError
 from everlearn.learners.checkpoints import CheckpointStore
 from everlearn.learners.config import TrainConfig
 from everlearn.learners.learner import (
@@ -231,14 +233,66 @@ def test_evaluate_a_checkpoint_equals_the_live_model_at_save_time(store_url):
         learner.train_step(batch(i))
     live = learner.evaluate(ev_tokens, ev_lengths)
     assert abs(live - at_save) > 1e-3  # training moved on
-    assert learner.evaluate(ev_tokens, ev_lengths, ref=ref6) == pytest.approx(at_save, rel=1e-6, abs=1e-7)
+    # the judge's evaluator holds the checkpoints' models; the learner holds only its own
+    evaluator = Evaluator(model_cfg(), torch_threads=1, batch_size=3, cache=2)
+    assert evaluator.loss(ref6, ev_tokens, ev_lengths) == pytest.approx(at_save, rel=1e-6, abs=1e-7)
 
     # a second checkpoint is evaluated with its own weights, and the first still with its own
     ref12 = learner.store.commit(learner.step, learner.save(learner.step))
-    assert learner.evaluate(ev_tokens, ev_lengths, ref=ref12) == pytest.approx(live, rel=1e-6, abs=1e-7)
-    assert learner.evaluate(ev_tokens, ev_lengths, ref=ref6) == pytest.approx(at_save, rel=1e-6, abs=1e-7)
+    assert evaluator.loss(ref12, ev_tokens, ev_lengths) == pytest.approx(live, rel=1e-6, abs=1e-7)
+    assert evaluator.loss(ref6, ev_tokens, ev_lengths) == pytest.approx(at_save, rel=1e-6, abs=1e-7)
+    assert len(evaluator._models) == 2
     # evaluating never changes the live model's mode
     assert learner.model.training
+
+
+def _optimizer_state(learner):
+    return {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()} for k, st in learner.optimizer.state.items()}
+
+
+def test_a_nan_loss_skips_the_step_and_leaves_weights_optimizer_and_step_untouched(store_url, monkeypatch):
+    learner = new_learner(store_url)
+    learner.train_step(batch(0))
+    before, opt_before, step = weights(learner.model), _optimizer_state(learner), learner.step
+    failpoints.reload("learner.loss@1=nan")
+    try:
+        stats = learner.train_step(batch(1))
+    finally:
+        failpoints.reload("")
+    assert stats.skipped and "non-finite loss" in stats.skipped and math.isnan(stats.loss)
+    assert stats.step == step == learner.step
+    assert_same_weights(weights(learner.model), before)
+    after = _optimizer_state(learner)
+    assert after.keys() == opt_before.keys()
+    for k in after:
+        for n in after[k]:
+            assert torch.equal(torch.as_tensor(after[k][n]), torch.as_tensor(opt_before[k][n]))
+    assert all(p.grad is None for p in learner.model.parameters())
+    # the next step trains as usual
+    assert learner.train_step(batch(2)).skipped is None and learner.step == step + 1
+
+
+def test_an_infinite_gradient_with_a_finite_loss_skips_the_step(store_url):
+    learner = new_learner(store_url)
+    before = weights(learner.model)
+    param = next(learner.model.parameters())
+    handle = param.register_hook(lambda g: g * float("inf"))
+    try:
+        stats = learner.train_step(batch(0))
+    finally:
+        handle.remove()
+    assert math.isfinite(stats.loss) and stats.skipped and "gradient" in stats.skipped
+    assert learner.step == 0
+    assert_same_weights(weights(learner.model), before)
+
+
+def test_non_finite_weights_are_never_checkpointed(store_url):
+    learner = new_learner(store_url)
+    with torch.no_grad():
+        next(learner.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        learner.save(0)
+    assert not CheckpointStore(store_url).fs.exists(f"{CheckpointStore(store_url).root}/step-000000000/{WEIGHTS}")
 
 
 def test_evaluate_ignores_what_lies_beyond_each_length(store_url):

@@ -1,6 +1,8 @@
 """daemon/sources.py: DirectorySource on a local directory (file://) and on memory://."""
 
 import json
+import os
+import time
 from uuid import uuid4
 
 import fsspec
@@ -8,30 +10,64 @@ import pytest
 
 from everlearn.daemon.records import Document, Rejection, decode
 from everlearn.daemon.sources import DirectorySource
-from everlearn.errors import SourceError
+from everlearn.errors import SourceError, SourceUnavailable
 
 pytestmark = pytest.mark.unit
 
+SETTLE, CLOSE = 2.0, 300.0  # the source's defaults
+
+
+class Clock:
+    """A monotonic clock the test moves: settle and close times without sleeping."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
 
 class Dir:
-    """A source directory on one filesystem: write / append files, build sources on it."""
+    """A source directory on one filesystem: write / append / rename / delete files, build sources on it."""
 
-    def __init__(self, url: str, fs, root: str):
-        self.url, self.fs, self.root = url, fs, root.rstrip("/")
+    def __init__(self, url: str, fs, root: str, local: bool):
+        self.url, self.fs, self.root, self.local = url, fs, root.rstrip("/"), local
+        self.clock = Clock()
+        self.events: list[tuple[str, dict]] = []
+        self._mtime = 0
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
 
     def write(self, rel: str, data: bytes) -> None:
-        path = f"{self.root}/{rel}"
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
+        path = self.path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self.fs.pipe_file(path, data)
+        if self.local:  # a distinct mtime per write, even within the file system's timestamp granularity (in the past: ctime stays "now")
+            self._mtime += 1
+            os.utime(path, ns=(10**18, 10**18 + self._mtime * 10**6))
 
     def append(self, rel: str, data: bytes) -> None:
-        path = f"{self.root}/{rel}"
+        path = self.path(rel)
         old = self.fs.cat_file(path) if self.fs.exists(path) else b""
         self.write(rel, old + data)
 
+    def rename(self, a: str, b: str) -> None:
+        self.fs.mv(self.path(a), self.path(b))
+
+    def delete(self, rel: str) -> None:
+        self.fs.rm(self.path(rel))
+
     def source(self, **kw) -> DirectorySource:
+        kw.setdefault("clock", self.clock)
+        kw.setdefault("events", lambda name, fields: self.events.append((name, fields)))
         return DirectorySource(self.url, **kw)
+
+    def named(self, name: str) -> list[dict]:
+        return [f for n, f in self.events if n == name]
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -39,11 +75,11 @@ def d(request, tmp_path):
     if request.param == "file":
         root = tmp_path / "stream"
         root.mkdir()
-        yield Dir(f"file://{root}", fsspec.filesystem("file"), str(root))
+        yield Dir(f"file://{root}", fsspec.filesystem("file"), str(root), True)
         return
     name = f"src-{uuid4().hex}"
     fs = fsspec.filesystem("memory")
-    yield Dir(f"memory://{name}", fs, f"/{name}")
+    yield Dir(f"memory://{name}", fs, f"/{name}", False)
     if fs.exists(f"/{name}"):
         fs.rm(f"/{name}", recursive=True)
 
@@ -57,11 +93,18 @@ def texts(records) -> list[str]:
 
 
 def drain(src: DirectorySource, batch: int = 1000, polls: int = 3) -> list:
-    """Everything the source will deliver in a few polls (enough for files to settle)."""
+    """Everything the source will deliver in a few polls, the clock moving a settle time between them."""
     out = []
     for _ in range(polls):
         out += src.poll(batch)
+        src.clock.advance(SETTLE)
     return out
+
+
+def close_all(src: DirectorySource) -> list:
+    """Let every file be closed: past close_after_s, then a poll."""
+    src.clock.advance(CLOSE)
+    return src.poll(1000)
 
 
 # -- listing ------------------------------------------------------------------------
@@ -80,9 +123,10 @@ def test_picks_jsonl_and_txt_in_name_order_and_ignores_the_rest(d):
     first = src.poll(100)
     assert texts(first) == ["a1", "b1", "b2"]  # the .txt waits to settle
     assert [r.provenance["file"] for r in first] == ["a.jsonl", "b.jsonl", "b.jsonl"]
+    d.clock.advance(SETTLE)
     assert texts(src.poll(100)) == ["the c document"]
     assert src.poll(100) == []
-    assert set(src.position()["offsets"]) == {"a.jsonl", "b.jsonl", "c.txt"}
+    assert set(src.position()["files"]) == {"a.jsonl", "b.jsonl", "c.txt"}
 
 
 def test_records_carry_provenance_default_id_and_domain(d):
@@ -100,7 +144,7 @@ def test_records_carry_provenance_default_id_and_domain(d):
 def test_missing_directory_is_empty_not_an_error(d):
     src = DirectorySource(d.url + "/not-there")
     assert src.poll(10) == []
-    assert src.position() == {"offsets": {}}
+    assert src.position() == {"format": 2, "dirs": {}, "files": {}}
 
 
 def test_bad_url_is_a_source_error():
@@ -134,7 +178,10 @@ def test_position_is_json_serialisable(d):
     src.poll(100)
     pos = src.position()
     assert json.loads(json.dumps(pos)) == pos
-    assert pos == {"offsets": {"a.jsonl": len(lines("1", "2")), "s/b.jsonl": len(lines("3"))}}
+    assert pos["format"] == 2
+    assert {rel: e["offset"] for rel, e in pos["files"].items()} == {"a.jsonl": len(lines("1", "2")), "s/b.jsonl": len(lines("3"))}
+    assert all(e["fpn"] == e["offset"] for e in pos["files"].values())  # the bytes read so far are fingerprinted
+    assert set(pos["dirs"]) == {"", "s"}
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 7])
@@ -144,7 +191,7 @@ def test_seek_on_a_new_source_continues_exactly(d, batch):
     d.write("c.jsonl", b"\n\n" + lines("c0") + b"   \n" + lines("c1"))  # blank lines are skipped
     want = [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(4)] + ["c0", "c1"]
     got: list[str] = []
-    pos = {"offsets": {}}
+    pos = {"format": 2, "dirs": {}, "files": {}}
     for _ in range(50):  # a fresh source (a restart) after every poll
         src = d.source()
         src.seek(json.loads(json.dumps(pos)))
@@ -158,6 +205,7 @@ def test_seek_on_a_new_source_continues_exactly(d, batch):
     src = d.source()
     src.seek(pos)
     assert drain(src) == []
+    assert d.events == []
 
 
 def test_seek_mid_file_then_appended_lines(d):
@@ -165,22 +213,43 @@ def test_seek_mid_file_then_appended_lines(d):
     src = d.source()
     assert texts(src.poll(2)) == ["1", "2"]
     pos = src.position()
-    assert pos["offsets"]["a.jsonl"] == len(lines("1", "2"))
+    assert pos["files"]["a.jsonl"]["offset"] == len(lines("1", "2"))
     d.append("a.jsonl", lines("4"))
     again = d.source()
     again.seek(pos)
     assert texts(again.poll(10)) == ["3", "4"]
+    assert d.events == []
 
 
-def test_seek_replaces_the_position(d):
+@pytest.mark.parametrize("empty", [{"format": 2, "dirs": {}, "files": {}}, {"offsets": {}}])
+def test_seek_replaces_the_position(d, empty):
     d.write("a.jsonl", lines("1", "2"))
     src = d.source()
     src.poll(10)
-    src.seek({"offsets": {}})
+    close_all(src)
+    assert src.position()["files"] == {}
+    src.seek(empty)
     assert texts(src.poll(10)) == ["1", "2"]
 
 
-# -- growing files ------------------------------------------------------------------
+def test_old_position_format_is_accepted(d):
+    d.write("a.jsonl", lines("1", "2", "3"))
+    d.write("b.jsonl", lines("4"))
+    d.write("c.jsonl", lines("5"))
+    src = d.source()
+    src.seek({"offsets": {"a.jsonl": len(lines("1")), "b.jsonl": len(lines("4"))}})
+    assert texts(src.poll(10)) == ["2", "3", "5"]  # b was read to its end; c is new
+    pos = src.position()
+    assert {rel: e["offset"] for rel, e in pos["files"].items()} == {
+        "a.jsonl": len(lines("1", "2", "3")), "b.jsonl": len(lines("4")), "c.jsonl": len(lines("5"))}
+    assert pos["files"]["a.jsonl"]["fpn"] > 0  # identity learned at first sight
+    close_all(src)
+    assert src.position()["files"] == {}
+    with pytest.raises(SourceError, match="position"):
+        src.seek({"files": {"a.jsonl": {"no": "offset"}}})
+
+
+# -- growing files and settling -----------------------------------------------------
 
 
 def test_appended_lines_are_picked_up(d):
@@ -194,18 +263,38 @@ def test_appended_lines_are_picked_up(d):
     d.append("a.jsonl", lines("5"))
     assert texts(src.poll(10)) == ["5", "4"]  # files in name order
     assert src.poll(10) == []
+    assert d.events == []
 
 
-def test_final_line_without_newline_waits_until_settled(d):
+def test_final_line_without_newline_waits_for_the_settle_time(d):
     d.write("a.jsonl", lines("1") + b'{"text": "par')
     src = d.source()
     assert texts(src.poll(10)) == ["1"]
-    d.append("a.jsonl", b'tial"}')  # still growing: not settled
-    assert src.poll(10) == []
-    assert src.position()["offsets"]["a.jsonl"] == len(lines("1"))
-    assert texts(src.poll(10)) == ["partial"]  # size unchanged since the last poll
-    assert src.poll(10) == []
+    d.append("a.jsonl", b'tial"}')
+    d.clock.advance(1.5)
+    assert src.poll(10) == []  # changed since the last poll: the settle time starts again
+    assert src.position()["files"]["a.jsonl"]["offset"] == len(lines("1"))
+    d.clock.advance(1.9)
+    assert src.poll(10) == []  # unchanged for 1.9 s < settle_s
+    d.clock.advance(0.1)
+    assert texts(src.poll(10)) == ["partial"]  # unchanged for 2.0 s
     assert drain(src) == []
+
+
+def test_settle_time_is_the_constructor_argument_and_mtime_counts(d):
+    d.write("doc.txt", b"version 1")
+    src = d.source(settle_s=10.0)
+    assert src.poll(10) == []
+    d.clock.advance(9.0)
+    d.write("doc.txt", b"version 2")  # same size, new modification time: not settled
+    assert src.poll(10) == []
+    d.clock.advance(9.9)
+    assert src.poll(10) == []
+    d.clock.advance(0.1)
+    assert texts(src.poll(10)) == ["version 2"]
+    fresh = d.source(settle_s=0.0)  # zero: taken at first sight
+    d.write("doc2.txt", b"now")
+    assert texts(fresh.poll(10)) == ["version 2", "now"]
 
 
 def test_final_line_completed_by_a_newline_is_delivered_without_waiting(d):
@@ -214,7 +303,7 @@ def test_final_line_completed_by_a_newline_is_delivered_without_waiting(d):
     assert src.poll(10) == []  # first sight: not settled
     d.append("a.jsonl", b"\n")
     assert texts(src.poll(10)) == ["x"]
-    assert src.position()["offsets"]["a.jsonl"] == len(b'{"text": "x"}\n')
+    assert src.position()["files"]["a.jsonl"]["offset"] == len(b'{"text": "x"}\n')
 
 
 def test_settled_final_line_then_more_lines(d):
@@ -230,8 +319,11 @@ def test_txt_is_one_record_delivered_once_settled(d):
     d.write("doc.txt", body[:10].encode())
     src = d.source()
     assert src.poll(10) == []  # first sight
+    d.clock.advance(1.0)
     d.write("doc.txt", body.encode())
-    assert src.poll(10) == []  # changed since the last poll
+    d.clock.advance(1.5)
+    assert src.poll(10) == []  # changed 1.5 s ago (as far as the source can tell)
+    d.clock.advance(SETTLE)
     recs = src.poll(10)
     assert len(recs) == 1
     r = recs[0]
@@ -239,8 +331,8 @@ def test_txt_is_one_record_delivered_once_settled(d):
     assert r.data == body.encode()
     assert r.provenance == {"file": "doc.txt", "offset": 0}
     assert r.default_id == "doc.txt"
-    assert src.poll(10) == []
-    assert src.position()["offsets"]["doc.txt"] == len(body.encode())
+    assert drain(src) == []
+    assert src.position()["files"]["doc.txt"]["offset"] == len(body.encode())
 
 
 def test_max_records_is_respected(d):
@@ -250,6 +342,7 @@ def test_max_records_is_respected(d):
     d.write("d.txt", b"d")
     src = d.source()
     src.poll(0)  # look once so the .txt files can settle
+    d.clock.advance(SETTLE)
     got = []
     for _ in range(10):
         recs = src.poll(3)
@@ -269,7 +362,7 @@ def test_poll_with_timeout_returns_when_idle(d):
     assert src.poll(10, timeout_s=0.1) == []
 
 
-# -- long lines ---------------------------------------------------------------------
+# -- long lines and long documents --------------------------------------------------
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 33, 64, 1 << 20])
@@ -299,7 +392,7 @@ def test_long_line_is_truncated_and_the_following_lines_are_intact(d, chunk):
     good = [decode(recs[i], max_doc_bytes=cap) for i in (0, 2, 3, 5)]
     assert all(isinstance(g, Document) for g in good)
     assert [g.text for g in good] == ["b", "c", "d", "e"]
-    assert src.position()["offsets"]["a.jsonl"] == len(body)
+    assert src.position()["files"]["a.jsonl"]["offset"] == len(body)
 
 
 def test_long_line_position_resumes_after_it(d):
@@ -310,7 +403,371 @@ def test_long_line_position_resumes_after_it(d):
     assert len(first) == 1 and len(first[0].data) == 65
     fresh = d.source(read_chunk_bytes=7, max_line_bytes=64)
     fresh.seek(src.position())
-    assert fresh.position()["offsets"]["a.jsonl"] == len(long)
+    assert fresh.position()["files"]["a.jsonl"]["offset"] == len(long)
     rec = fresh.poll(10)
     assert texts(rec) == ["next"]
     assert rec[0].provenance["offset"] == len(long)
+
+
+class CountingReads:
+    """Wraps a source's store so that every byte it reads is counted, per file."""
+
+    def __init__(self, src: DirectorySource):
+        self.bytes: dict[str, int] = {}
+        inner = src.store.open
+
+        def open_(s):
+            reader = inner(s)
+            read = reader.read
+
+            def counted(n):
+                data = read(n)
+                self.bytes[s.rel] = self.bytes.get(s.rel, 0) + len(data)
+                return data
+
+            reader.read = counted
+            return reader
+
+        src.store.open = open_
+
+
+@pytest.mark.parametrize("cap", [10, 1000, 5000])
+def test_a_txt_larger_than_the_bound_is_read_only_up_to_the_bound(d, cap):
+    big = b"w" * 20_000 + b" the end"
+    d.write("big.txt", big)
+    d.write("small.txt", b"s" * cap)  # exactly the bound: delivered whole
+    src = d.source(max_line_bytes=cap)
+    reads = CountingReads(src)
+    recs = drain(src)
+    assert [r.provenance["file"] for r in recs] == ["big.txt", "small.txt"]
+    assert recs[0].data == big[: cap + 1]
+    assert reads.bytes["big.txt"] == cap + 1  # not one byte more: the rest is never read
+    assert isinstance(decode(recs[0], max_doc_bytes=cap), Rejection)
+    assert recs[1].data == b"s" * cap and isinstance(decode(recs[1], max_doc_bytes=cap), Document)
+    assert src.position()["files"]["big.txt"]["offset"] == len(big)
+    assert drain(src) == [] and reads.bytes["big.txt"] == cap + 1
+
+
+# -- renamed, deleted, truncated, replaced --------------------------------------------
+
+
+def test_a_file_renamed_while_read_keeps_its_offset(d):
+    d.write("a.jsonl", lines(*[f"a{i}" for i in range(5)]))
+    src = d.source()
+    assert texts(src.poll(2)) == ["a0", "a1"]
+    d.rename("a.jsonl", "b.jsonl")
+    d.append("b.jsonl", lines("a5"))
+    recs = src.poll(10)
+    assert texts(recs) == ["a2", "a3", "a4", "a5"]  # none twice, none skipped
+    assert {r.provenance["file"] for r in recs} == {"b.jsonl"}
+    assert recs[0].provenance["offset"] == len(lines("a0", "a1"))
+    [ev] = d.named("file_renamed")
+    assert ev["from"] == "a.jsonl" and ev["to"] == "b.jsonl" and ev["file"] == "b.jsonl"
+    assert ev["offset"] == len(lines("a0", "a1"))
+    assert set(src.position()["files"]) == {"b.jsonl"}
+    assert [n for n, _ in d.events] == ["file_renamed"]
+
+
+def test_rotation_renamed_file_keeps_its_offset_and_the_new_one_is_read_whole(d):
+    d.write("app.jsonl", lines("1", "2", "3"))
+    src = d.source()
+    assert texts(src.poll(2)) == ["1", "2"]
+    d.rename("app.jsonl", "app.0001.jsonl")  # rotated away ...
+    d.write("app.jsonl", lines("4", "5"))  # ... and a new file under the old name
+    assert sorted(texts(drain(src))) == ["3", "4", "5"]
+    assert d.named("file_renamed")[0]["to"] == "app.0001.jsonl"
+    assert not d.named("file_replaced") and not d.named("file_deleted")
+
+
+def test_a_file_renamed_over_another_open_file(d):
+    d.write("a.jsonl", lines("a0", "a1", "a2"))
+    d.write("b.jsonl", lines("b0", "b1", "b2"))
+    src = d.source()
+    assert texts(src.poll(4)) == ["a0", "a1", "a2", "b0"]
+    d.rename("a.jsonl", "b.jsonl")  # b's content is gone, a's lives on under b's name
+    d.append("b.jsonl", lines("a3"))
+    assert texts(drain(src)) == ["a3"]
+    assert [(n, f["file"]) for n, f in d.events] == [("file_renamed", "b.jsonl"), ("file_deleted", "b.jsonl")]
+    assert d.events[0][1]["from"] == "a.jsonl"
+    assert d.events[1][1]["offset"] == len(lines("b0")) and d.events[1][1]["bytes"] == len(lines("b1", "b2"))
+
+
+def test_a_file_deleted_while_read_is_reported_and_the_stream_goes_on(d):
+    d.write("a.jsonl", lines(*[f"a{i}" for i in range(5)]))
+    d.write("b.jsonl", lines("b0"))
+    src = d.source()
+    assert texts(src.poll(2)) == ["a0", "a1"]
+    d.delete("a.jsonl")
+    assert texts(src.poll(10)) == ["b0"]
+    [ev] = d.named("file_deleted")
+    done = len(lines("a0", "a1"))
+    assert ev["file"] == "a.jsonl" and ev["offset"] == done
+    assert ev["size"] == len(lines(*[f"a{i}" for i in range(5)])) and ev["bytes"] == ev["size"] - done
+    assert set(src.position()["files"]) == {"b.jsonl"}
+    assert src.poll(10) == [] and len(d.named("file_deleted")) == 1
+
+
+def test_a_file_deleted_between_listing_and_reading_does_not_raise(d):
+    d.write("a.jsonl", lines("a0"))
+    d.write("b.jsonl", lines("b0"))
+    src = d.source()
+    inner = src.store.open
+
+    def open_(s):
+        if s.rel == "a.jsonl" and d.fs.exists(d.path("a.jsonl")):
+            d.delete("a.jsonl")
+        return inner(s)
+
+    src.store.open = open_
+    assert texts(src.poll(10)) == ["b0"]
+    assert src.poll(10) == []
+    assert [e["file"] for e in d.named("file_deleted")] == ["a.jsonl"]
+
+
+def test_a_truncated_file_goes_on_from_its_new_end(d):
+    d.write("a.jsonl", lines("1", "2", "3", "4"))
+    src = d.source()
+    assert texts(src.poll(10)) == ["1", "2", "3", "4"]
+    d.write("a.jsonl", lines("1"))  # truncated below the offset
+    assert src.poll(10) == []
+    [ev] = d.named("file_truncated")
+    assert ev["offset"] == len(lines("1", "2", "3", "4")) and ev["size"] == len(lines("1"))
+    assert ev["bytes"] == len(lines("2", "3", "4"))
+    assert src.position()["files"]["a.jsonl"]["offset"] == len(lines("1"))
+    d.append("a.jsonl", lines("5"))
+    assert texts(drain(src)) == ["5"]  # "1" is not read again
+    assert len(d.named("file_truncated")) == 1
+
+
+def test_other_content_under_an_open_name_is_reported_and_not_read_again(d):
+    d.write("a.jsonl", lines("1", "2"))
+    src = d.source()
+    assert texts(src.poll(10)) == ["1", "2"]
+    replacement = lines("X1", "X2", "X3")
+    d.write("a.jsonl", replacement)
+    assert drain(src) == []  # never from 0 again: nothing is trained twice
+    [ev] = d.named("file_replaced")
+    assert ev["file"] == "a.jsonl" and ev["offset"] == len(lines("1", "2")) and ev["bytes"] == len(replacement)
+    d.append("a.jsonl", lines("X4"))
+    assert texts(drain(src)) == ["X4"]
+
+
+def test_a_reused_name_after_close_is_not_read_again(d):
+    d.write("a.jsonl", lines("1", "2"))
+    d.write("b.jsonl", lines("3"))
+    src = d.source()
+    assert texts(src.poll(10)) == ["1", "2", "3"]
+    close_all(src)
+    assert src.position()["files"] == {} and src.position()["dirs"][""]["after"] == "b.jsonl"
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    d.write("a.jsonl", lines("other", "content"))  # rewritten in place: a finished name is not looked at ...
+    assert drain(src) == []
+    assert d.events == []  # ... so not even noticed while the names stay the same
+    d.delete("b.jsonl")
+    assert src.poll(10) == []  # a name went: the names up to the watermark are looked at once
+    assert [e["file"] for e in d.named("file_late")] == ["a.jsonl"]  # changed after it was finished
+    time.sleep(0.02)
+    d.write("b.jsonl", lines("new b"))  # deleted, then a new file under the finished name
+    assert drain(src) == []
+    assert [e["file"] for e in d.named("file_late")] == ["a.jsonl", "b.jsonl"]  # each once
+    close_all(src)
+    assert drain(src) == [] and len(d.named("file_late")) == 2
+
+
+# -- watermark: late files, bounded position and listing ------------------------------
+
+
+def test_late_files_are_reported_once_and_not_read(d):
+    d.write("2024-01.jsonl", lines("jan"))
+    d.write("2024-03.jsonl", lines("mar"))
+    d.write("law/2024-01.jsonl", lines("law jan"))
+    src = d.source()
+    assert texts(src.poll(10)) == ["jan", "mar", "law jan"]
+    close_all(src)
+    pos = src.position()
+    assert pos["files"] == {}
+    assert pos["dirs"][""]["after"] == "2024-03.jsonl" and pos["dirs"]["law"]["after"] == "law/2024-01.jsonl"
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    d.write("2024-02.jsonl", lines("feb"))  # sorts below the watermark: late
+    d.write("2024-04.jsonl", lines("apr"))  # after it: read
+    d.write("law/2023-12.jsonl", lines("law dec"))  # late in its own directory
+    d.write("law/2024-02.jsonl", lines("law feb"))
+    assert texts(drain(src)) == ["apr", "law feb"]
+    late = d.named("file_late")
+    assert sorted(e["file"] for e in late) == ["2024-02.jsonl", "law/2023-12.jsonl"]
+    assert {e["file"]: e["watermark"] for e in late} == {"2024-02.jsonl": "2024-03.jsonl", "law/2023-12.jsonl": "law/2024-01.jsonl"}
+    assert all(e["bytes"] == e["size"] > 0 for e in late)
+    close_all(src)
+    assert drain(src) == [] and len(d.named("file_late")) == 2  # once, not every poll
+    again = d.source()  # nor after a restart
+    again.seek(json.loads(json.dumps(src.position())))
+    assert drain(again) == [] and len(d.named("file_late")) == 2
+
+
+def test_files_written_out_of_order_within_close_after_s_are_not_late(d):
+    d.write("b.jsonl", lines("b"))
+    src = d.source()
+    assert texts(src.poll(10)) == ["b"]
+    d.clock.advance(CLOSE - 1)
+    d.write("a.jsonl", lines("a"))  # written after b, named before it, inside the grace
+    assert texts(src.poll(10)) == ["a"]
+    assert d.named("file_late") == []
+
+
+def test_watermark_moves_on_and_the_position_stays_small(d):
+    n = 500
+    for i in range(n):
+        d.write(f"f{i:04d}.jsonl", lines(f"r{i}"))
+    src = d.source()
+    assert texts(src.poll(10_000)) == [f"r{i}" for i in range(n)]
+    assert len(src.position()["files"]) == n  # all still open
+    close_all(src)
+    pos = src.position()
+    assert pos["files"] == {} and pos["dirs"][""]["after"] == f"f{n - 1:04d}.jsonl"
+    assert len(json.dumps(pos)) < 200
+    stats: list[str] = []
+    inner = src.store._stat
+    src.store._stat = lambda rel: stats.append(rel) or inner(rel)
+    d.write(f"f{n:04d}.jsonl", lines("new"))
+    assert texts(src.poll(10)) == ["new"]
+    assert stats == [f"f{n:04d}.jsonl"]  # no per-file work for the 500 finished ones
+    stats.clear()
+    assert src.poll(10) == []
+    assert stats == [f"f{n:04d}.jsonl"]  # only the one still open
+
+
+def test_a_backlog_is_not_passed_by_the_watermark(d):
+    for i in range(6):
+        d.write(f"f{i}.jsonl", lines(f"r{i}a", f"r{i}b"))
+    src = d.source()
+    assert texts(src.poll(5)) == ["r0a", "r0b", "r1a", "r1b", "r2a"]
+    d.clock.advance(CLOSE)
+    assert texts(src.poll(4)) == ["r2b", "r3a", "r3b", "r4a"]
+    pos = src.position()
+    assert pos["dirs"][""]["after"] == "f3.jsonl"  # f4, f5 are not read to their end: they stay listed
+    assert set(pos["files"]) == {"f4.jsonl", "f5.jsonl"}
+    assert texts(src.poll(10)) == ["r4b", "r5a", "r5b"]
+    assert src.position()["dirs"][""]["after"] == "f5.jsonl"
+
+
+def test_a_file_growing_forever_does_not_hold_the_watermark(d):
+    d.write("a.jsonl", lines("a0"))
+    src = d.source()
+    assert texts(src.poll(10)) == ["a0"]
+    for i in range(1, 5):
+        d.clock.advance(CLOSE / 2)
+        d.write(f"b{i}.jsonl", lines(f"b{i}"))
+        d.append("a.jsonl", lines(f"a{i}"))
+        assert texts(src.poll(10)) == [f"a{i}", f"b{i}"]
+    pos = src.position()
+    assert pos["dirs"][""]["after"] == "b2.jsonl"  # b1, b2: first seen close_after_s ago
+    assert set(pos["files"]) == {"a.jsonl", "b3.jsonl", "b4.jsonl"}  # a: below the watermark, still open
+    d.append("a.jsonl", lines("a5"))
+    assert texts(src.poll(10)) == ["a5"]
+    assert d.named("file_late") == []
+
+
+# -- transient failures ---------------------------------------------------------------
+
+
+def test_a_listing_failure_is_source_unavailable_and_nothing_is_skipped(d):
+    d.write("a.jsonl", lines("1", "2"))
+    src = d.source()
+    inner = src.store.list
+    failures = [ConnectionResetError("connection reset by peer"), TimeoutError("timed out"), OSError(5, "I/O error")]
+
+    def flaky(*a, **kw):
+        if failures:
+            raise failures.pop(0)
+        return inner(*a, **kw)
+
+    src.store.list = flaky
+    before = src.position()
+    for _ in range(3):
+        with pytest.raises(SourceUnavailable):
+            src.poll(10)
+        assert src.position() == before
+    assert texts(src.poll(10)) == ["1", "2"]
+
+
+def test_a_read_failure_delivers_exactly_the_rest_later(d):
+    d.write("a.jsonl", lines(*[f"a{i}" for i in range(6)]))
+    d.write("b.jsonl", lines(*[f"b{i}" for i in range(3)]))
+    src = d.source(read_chunk_bytes=16)
+    inner = src.store.open
+    calls = {"n": 0}
+    broken = {"on": True}
+
+    def open_(s):
+        reader = inner(s)
+        read = reader.read
+
+        def flaky(n):
+            calls["n"] += 1
+            if broken["on"] and calls["n"] % 5 in (0, 1):  # two in a row: one cuts a poll short, the next fails one
+                raise ConnectionResetError("reset")
+            return read(n)
+
+        reader.read = flaky
+        return reader
+
+    src.store.open = open_
+    got, raised, short = [], 0, 0
+    for _ in range(100):
+        try:
+            recs = src.poll(3)
+        except SourceUnavailable:
+            raised += 1
+            continue
+        short += 0 < len(recs) < 3 and len(got) + len(recs) < 6
+        got += texts(recs)
+        if len(got) >= 9:
+            break
+    assert raised > 0 and short > 0
+    assert got == [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(3)]  # none twice, none skipped
+    broken["on"] = False
+    assert drain(src) == []
+
+
+def test_a_failure_on_open_raises_and_keeps_the_position(d):
+    d.write("a.jsonl", lines("1", "2"))
+    src = d.source()
+    inner = src.store.open
+    fail = [True]
+
+    def open_(s):
+        if fail[0]:
+            raise OSError(104, "Connection reset by peer")
+        return inner(s)
+
+    src.store.open = open_
+    with pytest.raises(SourceUnavailable, match="reading a.jsonl"):
+        src.poll(10)
+    assert src.position()["files"]["a.jsonl"]["offset"] == 0
+    fail[0] = False
+    assert texts(src.poll(10)) == ["1", "2"]
+
+
+def test_a_permanent_storage_error_is_a_source_error_not_unavailable(d):
+    src = d.source()
+
+    def denied(*a, **kw):
+        raise PermissionError("access denied")
+
+    src.store.list = denied
+    with pytest.raises(SourceError) as e:
+        src.poll(10)
+    assert not isinstance(e.value, SourceUnavailable)
+
+
+def test_an_events_callback_that_fails_does_not_stop_the_stream(d):
+    d.write("a.jsonl", lines("1"))
+    d.write("b.jsonl", lines("2"))
+
+    def boom(name, fields):
+        raise RuntimeError("callback bug")
+
+    src = d.source(events=boom)
+    assert texts(src.poll(1)) == ["1"]
+    d.delete("a.jsonl")
+    assert texts(src.poll(10)) == ["2"]

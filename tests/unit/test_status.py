@@ -315,3 +315,15 @@ def test_status_line_before_serving_starts():
     line = status_line({"state": "starting", "step": 0, "served_version": None, "served_step": None, "last_gate": None})
     assert "None" not in line
     assert "serving v-" in line
+
+
+def test_healthz_answers_503_with_the_reasons_while_degraded(registry):
+    problems: list[str] = []
+    srv = StatusServer("127.0.0.1", 0, registry, dict, health=lambda: list(problems)).start()
+    try:
+        assert get(srv.url + "/healthz")[0] == 200
+        problems.append("source failing for 31 s: ConnectionResetError")
+        code, _, body = get(srv.url + "/healthz")
+        assert code == 503 and json.loads(body) == {"ok": False, "degraded": problems}
+    finally:
+        srv.stop()

@@ -1,0 +1,71 @@
+"""The process around a run: Ray, signals, the stop deadline.
+
+A local Ray started here is owned by this process: its processes share the
+daemon's fate (Ray starts them so that they die with their parent), so a
+``kill -9`` of the daemon leaves none of them behind. ``ray.address`` joins an
+existing cluster instead, which outlives the daemon.
+
+SIGTERM / SIGINT ask for a clean stop: the loop ends, a final checkpoint is
+written, the daemon exits 0. The stop has a deadline (``supervision.stop_grace_s``
+plus a margin): past it the process exits 1 on its own, so an orchestrator
+never has to kill a daemon stuck on unreachable storage. A second signal
+exits at once.
+"""
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import ray
+
+from everlearn.daemon.config import Config
+
+HARD_EXIT_MARGIN_S = 15.0  # after the grace period: time to shut Ray and serving down
+
+
+def start_ray(cfg: Config) -> bool:
+    """Start (or join) Ray; True when this process started it and owns it."""
+    if ray.is_initialized():
+        return False
+    rc = cfg.ray
+    if rc.address:
+        ray.init(address=rc.address, log_to_driver=False)
+        return False
+    ray.init(num_cpus=rc.num_cpus, object_store_memory=rc.object_store_memory_mb * 2**20,
+             include_dashboard=rc.include_dashboard, log_to_driver=False, configure_logging=False)
+    return True
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into ``stop.set()``; arms the hard deadline; a second signal exits now."""
+
+    def __init__(self, stop: threading.Event, grace_s: float, event: Callable[..., None]):
+        self.stop, self.grace_s, self.event = stop, grace_s, event
+        self.signals = 0
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals > 1:
+            self.event("stopping_now", signal=name)
+            os._exit(130)
+        self.event("stopping", signal=name, grace_s=self.grace_s)
+        self.stop.set()
+        self.arm_deadline()
+
+    def arm_deadline(self) -> None:
+        def expire():
+            time.sleep(self.grace_s + HARD_EXIT_MARGIN_S)
+            self.event("stop_deadline", message=f"the stop took longer than supervision.stop_grace_s={self.grace_s} s "
+                                                "(+ a margin); exiting without a final checkpoint")
+            os._exit(1)
+
+        threading.Thread(target=expire, name="everlearn-stop-deadline", daemon=True).start()

@@ -1,0 +1,138 @@
+"""The judge stage: candidates are judged by the evaluator actor, off the training path.
+
+``submit`` hands a committed candidate, the serving version and the held-out
+evidence to the evaluator and returns at once; the supervisor calls ``poll``
+between training steps and gets the verdict when it is ready. One judgement
+is in flight at a time (a gate interval that comes while one runs is skipped).
+An evaluator that dies, raises or overruns ``gate.timeout_s`` yields a
+``failed`` verdict and is restarted; serving is never touched by a failure.
+"""
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from everlearn.deploy.evaluator import Evaluator
+from everlearn.deploy.gates import Evidence, GateConfig, GateResult
+from everlearn.learners import CheckpointRef, ModelConfig
+
+
+@dataclass
+class Judgement:
+    """A verdict on ``candidate``: promoted (passed), rejected, skipped (too little evidence) or failed."""
+
+    step: int
+    candidate: CheckpointRef
+    serving: dict[str, Any]  # the served record it was compared with
+    verdict: str
+    result: GateResult
+    seconds: float = 0.0
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def audit_record(self, cfg: GateConfig) -> dict[str, Any]:
+        return {"step": self.step, "candidate": self.candidate.to_dict(), "serving": CheckpointRef.from_dict(self.serving).to_dict(),
+                "serving_version": self.serving["version"], "verdict": self.verdict, "passed": self.result.passed,
+                "reason": self.result.reason, "metrics": self.result.metrics, "config": cfg.model_dump(),
+                "judge_seconds": round(self.seconds, 4)}
+
+
+class JudgeStage:
+    def __init__(self, cfg: GateConfig, model: ModelConfig, storage_options: dict[str, Any], metrics,
+                 events: Callable[..., None], eval_batch_size: int = 16):
+        self.cfg, self.model_cfg, self.storage_options = cfg, model, storage_options
+        self.metrics, self.events, self.eval_batch_size = metrics, events, eval_batch_size
+        self.evaluator = None
+        self._pending: tuple[Judgement, Any, float] | None = None
+        self.last: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        """Nothing to do yet: the evaluator starts with the first judgement, not while the run starts up."""
+
+    def _evaluator(self):
+        if self.evaluator is None:
+            self._spawn()
+        return self.evaluator
+
+    def _spawn(self) -> None:
+        actor = ray.remote(Evaluator).options(num_cpus=self.cfg.evaluator_num_cpus, max_restarts=0)
+        self.evaluator = actor.remote(self.model_cfg, self.storage_options, self.cfg.evaluator_threads, self.eval_batch_size)
+
+    def stop(self) -> None:
+        if self.evaluator is not None:
+            with contextlib.suppress(Exception):  # already dead is fine
+                ray.kill(self.evaluator, no_restart=True)
+            self.evaluator = None
+        self._pending = None
+
+    def restart(self, why: str) -> None:
+        self.metrics.stage_restarts.labels("judge").inc()
+        self.events("stage_restart", stage="judge", reason=why)
+        self.stop()
+        self._spawn()
+
+    @property
+    def pending(self) -> CheckpointRef | None:
+        """The candidate being judged (the store keeps it until the verdict)."""
+        return self._pending[0].candidate if self._pending else None
+
+    def submit(self, step: int, candidate: CheckpointRef, serving: dict[str, Any], evidence: Evidence) -> Judgement | None:
+        """Start judging ``candidate``; a verdict that needs no evaluation (skipped) is returned at once."""
+        if self._pending is not None:
+            self.events("gate_busy", step=step, judging=self._pending[0].step)
+            return None
+        j = Judgement(step, candidate, serving, "pending", GateResult(False, "pending"))
+        if len(evidence.fresh_tokens) < self.cfg.min_fresh_sequences:
+            j.verdict = "skipped"
+            j.result = GateResult(False, f"skipped: fresh window holds {len(evidence.fresh_tokens)} < "
+                                         f"gate.min_fresh_sequences={self.cfg.min_fresh_sequences} sequences")
+            return self._done(j)
+        ref = self._evaluator().judge.remote(self.cfg, candidate, CheckpointRef.from_dict(serving), evidence)
+        self._pending = (j, ref, time.monotonic())
+        return None
+
+    def poll(self, timeout: float = 0.0) -> Judgement | None:
+        """The verdict of the judgement in flight, if it is ready (waits up to ``timeout``)."""
+        if self._pending is None:
+            return None
+        j, ref, t0 = self._pending
+        try:
+            result: GateResult = ray.get(ref, timeout=timeout)
+        except GetTimeoutError:
+            if time.monotonic() - t0 < self.cfg.timeout_s:
+                return None
+            j.verdict, j.result = "failed", GateResult(False, f"failed: the judgement took longer than gate.timeout_s={self.cfg.timeout_s}")
+            self.restart("judgement timed out")
+        except RayActorError as e:
+            j.verdict, j.result = "failed", GateResult(False, f"failed: the evaluator died ({type(e).__name__})")
+            self.restart("the evaluator actor died")
+        except Exception as e:  # noqa: BLE001 e.g. a candidate that does not verify: a failed verdict, never a crash
+            j.verdict, j.result = "failed", GateResult(False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        else:
+            j.result = result
+            j.verdict = "promoted" if result.passed else "rejected"
+            for key, value in result.metrics.items():
+                if key.endswith("_loss"):
+                    model, window, _ = key.split("_")
+                    self.metrics.gate_loss.labels(model, window).set(value)
+        j.seconds = time.monotonic() - t0
+        self.metrics.judge_seconds.observe(j.seconds)
+        self._pending = None
+        return self._done(j)
+
+    def _done(self, j: Judgement) -> Judgement:
+        if j.verdict != "promoted":  # a passed gate is counted by promote once it has happened
+            self.metrics.gate_decisions.labels(j.verdict).inc()
+        self.last = {"verdict": j.verdict, "step": j.step, "reason": j.result.reason}
+        return j
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last = state.get("last")
+        self._pending = None

@@ -1,0 +1,195 @@
+"""The promote stage: the served record, the swap into serving, reverts, and the audit of each.
+
+``SERVED.json`` beside the checkpoints is the commit point of a promotion: the
+version serving must hold, the next version number (never reused), the
+versions before it (to revert to) and the decision that promoted it. Order:
+
+    1. SERVED.json names the new version      <- a promotion has happened
+    2. the audit log records it (fsynced)
+    3. serving swaps to it
+
+A crash after 1 leaves serving to come up on the new version at restart, and
+``open`` appends the audit record a crash after 1 lost (marked ``recovered``),
+so the audit never misses a promotion. A crash before 1 changes nothing. A
+version serving cannot load is reverted: SERVED.json goes back to the version
+before, serving swaps back, and the audit says why.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from everlearn import failpoints
+from everlearn.deploy.audit import AuditLog
+from everlearn.deploy.judge import Judgement
+from everlearn.deploy.serving import ServeConfig, Server
+from everlearn.errors import CheckpointError, ServingError, StorageUnavailable
+from everlearn.learners import CheckpointRef, CheckpointStore, ModelConfig
+from everlearn.learners.learner import WEIGHTS
+
+SERVED = "SERVED.json"
+HISTORY = 16  # earlier promoted versions remembered for reverts and rollbacks
+RECORD_KEYS = ("version", "uri", "name", "step", "manifest_sha256", "promoted_unix")
+
+
+def served_record(version: int, ref: CheckpointRef) -> dict[str, Any]:
+    return {"version": version, **ref.to_dict(), "promoted_unix": time.time()}
+
+
+class PromoteStage:
+    def __init__(self, store: CheckpointStore, model: ModelConfig, serve: ServeConfig, audit: AuditLog, metrics,
+                 events: Callable[..., None]):
+        self.store, self.model_cfg, self.serve_cfg = store, model, serve
+        self.audit, self.metrics, self.events = audit, metrics, events
+        self.served: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.next_version = 1
+        self.server: Server | None = None
+
+    # -- the served record -----------------------------------------------------
+    def _write(self, decision: dict[str, Any] | None = None) -> None:
+        doc = {**self.served, "next_version": self.next_version, "history": self.history[:HISTORY]}
+        if decision is not None:
+            doc["decision"] = decision
+        tmp = f"{self.store.root}/.{SERVED}.tmp"
+        self.store.fs.pipe_file(tmp, json.dumps(doc, default=str).encode())
+        self.store.fs.mv(tmp, f"{self.store.root}/{SERVED}")
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.store.fs.cat_file(f"{self.store.root}/{SERVED}"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            self.events("warning", message=f"{SERVED} is unreadable; falling back to the checkpoint's record")
+            return None
+        return doc if isinstance(doc, dict) and "version" in doc else None
+
+    def _verifies(self, record: dict[str, Any]) -> bool:
+        try:
+            self.store.verify(CheckpointRef.from_dict(record))
+            return True
+        except StorageUnavailable:
+            raise
+        except (CheckpointError, KeyError, ValueError):
+            return False
+
+    def open(self, initial: CheckpointRef | None = None, fallback: dict[str, Any] | None = None) -> bool:
+        """Load the served record (or make ``initial`` version 0), repair it, and settle the audit.
+
+        False when there is nothing to open yet: no SERVED.json, no ``fallback`` record, no ``initial``.
+        """
+        doc = self._read() or fallback
+        if doc is None:
+            if initial is None:
+                return False
+            self.served, self.history, self.next_version = served_record(0, initial), [], 1
+            self._write()
+            return True
+        self.served = {k: doc[k] for k in RECORD_KEYS if k in doc}
+        self.history = list(doc.get("history", []))
+        self.next_version = int(doc.get("next_version", int(doc["version"]) + 1))
+        self._settle_audit(doc.get("decision"))
+        if not self._verifies(self.served):
+            self._fall_back()
+        return True
+
+    def _settle_audit(self, decision: dict[str, Any] | None) -> None:
+        """Append the promotion record that a crash between SERVED.json and the audit lost."""
+        version = self.served.get("version")
+        if not version:
+            return
+        done = any(r.get("promoted_version") == version or (r.get("verdict") == "reverted" and r.get("reverted_version") == version)
+                   for r in self.audit.tail())
+        if not done:
+            record = dict(decision or {"verdict": "promoted", "step": self.served.get("step")})
+            record.update(promoted_version=version, recovered=True)
+            self.audit.append(record)
+            self.events("audit_recovered", version=version)
+
+    def _fall_back(self) -> None:
+        bad = self.served
+        for record in self.history:
+            if self._verifies(record):
+                self.served = {k: record[k] for k in RECORD_KEYS if k in record}
+                self.history = [r for r in self.history if r is not record]
+                reason = f"served version {bad.get('version')} ({bad.get('uri')}) no longer verifies"
+                self.audit.append({"verdict": "reverted", "reverted_version": bad.get("version"),
+                                   "serving_version": self.served["version"], "reason": reason})
+                self._write()
+                self.events("reverted", version=bad.get("version"), to=self.served["version"], reason=reason)
+                return
+        raise CheckpointError(f"served version {bad.get('version')} at {bad.get('uri')} does not verify and no earlier "
+                              "promoted version does; restore the checkpoint, or start a new run_dir")
+
+    def protect(self) -> set[str]:
+        """Checkpoints the store must keep: the served version and the one a revert would go back to."""
+        names = {self.served.get("name")} | {r.get("name") for r in self.history[:1]}
+        return {n for n in names if n}
+
+    # -- serving -----------------------------------------------------------------
+    def start_serving(self) -> None:
+        """Start the deployment on the served version; returns while replicas start (``wait_serving``)."""
+        self.publish()
+        if self.serve_cfg.enabled and self.server is None:
+            self.server = Server(self.model_cfg, self.serve_cfg, self.store.storage_options)
+            self.server.start(self.served, wait=False)
+
+    def wait_serving(self) -> None:
+        if self.server is not None:
+            self.server.wait_for_version(self.served["version"], self.serve_cfg.start_timeout_s)
+
+    def publish(self) -> None:
+        self.metrics.served_version.set(self.served["version"])
+        self.metrics.served_step.set(self.served["step"])
+
+    def promote(self, j: Judgement, record: dict[str, Any]) -> dict[str, Any]:
+        """Make ``j.candidate`` the served version (the order in the module docstring); returns the audit record."""
+        failpoints.hit("promote.before_record")
+        previous, version = dict(self.served), self.next_version
+        self.served, self.next_version = served_record(version, j.candidate), version + 1
+        self.history = [previous, *self.history][:HISTORY]
+        record = {**record, "promoted_version": version}
+        self._write(decision=record)
+        failpoints.hit("promote.after_record")
+        self.audit.append(record)
+        self.metrics.promotions.inc()
+        self.metrics.gate_decisions.labels("promoted").inc()
+        failpoints.hit("promote.after_audit")
+        if failpoints.hit("promote.before_swap") == "damage":  # tests: a version serving cannot load
+            self.store.fs.pipe_file(f"{self.store.root}/{j.candidate.name}/{WEIGHTS}", b"damaged after judging")
+        self.publish()
+        if self.server is not None:
+            try:
+                swap_s = self.server.swap(self.served)
+                self.metrics.swap_seconds.observe(swap_s)
+                record["swap_seconds"] = round(swap_s, 4)
+            except ServingError as e:
+                self._revert(previous, str(e))
+                record["reverted"] = True
+        failpoints.hit("promote.after_swap")
+        return record
+
+    def _revert(self, previous: dict[str, Any], why: str) -> None:
+        bad = self.served
+        self.served = previous
+        self.history = [r for r in self.history if r.get("name") != previous.get("name") or r.get("version") != previous.get("version")]
+        self._write()
+        reason = f"serving could not load version {bad['version']}: {why}"
+        self.audit.append({"verdict": "reverted", "reverted_version": bad["version"], "serving_version": previous["version"], "reason": reason})
+        self.metrics.promotions_reverted.inc()
+        self.events("reverted", version=bad["version"], to=previous["version"], reason=reason[:300])
+        self.publish()
+        try:
+            self.server.swap(previous)
+        except ServingError as e:  # the old replicas never stopped serving it; report and go on
+            self.events("warning", message=f"serving did not confirm the revert to version {previous['version']}: {e}")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"served": self.served, "next_version": self.next_version}
