@@ -1,9 +1,9 @@
 """The process around a run: Ray, signals, the stop deadline.
 
-A local Ray started here is owned by this process: its processes share the
-daemon's fate (Ray starts them so that they die with their parent), so a
-``kill -9`` of the daemon leaves none of them behind. ``ray.address`` joins an
-existing cluster instead, which outlives the daemon.
+A local Ray started here is owned by this process, and the reaper
+(daemon/reaper.py) makes sure its processes die with it, even after a
+``kill -9``. ``ray.address`` joins an existing cluster instead, which outlives
+the daemon.
 
 SIGTERM / SIGINT ask for a clean stop: the loop ends, a final checkpoint is
 written, the daemon exits 0. The stop has a deadline (``supervision.stop_grace_s``
@@ -20,7 +20,10 @@ from collections.abc import Callable
 
 import ray
 
+from everlearn.daemon import reaper
 from everlearn.daemon.config import Config
+
+_reaper = None  # the reaper of this process's local Ray; lives as long as the process
 
 HARD_EXIT_MARGIN_S = 15.0  # after the grace period: time to shut Ray and serving down
 
@@ -33,6 +36,8 @@ def start_ray(cfg: Config) -> bool:
     if rc.address:
         ray.init(address=rc.address, log_to_driver=False)
         return False
+    global _reaper
+    _reaper = _reaper or reaper.start()  # first: it must see every process Ray starts
     ray.init(num_cpus=rc.num_cpus, object_store_memory=rc.object_store_memory_mb * 2**20,
              include_dashboard=rc.include_dashboard, log_to_driver=False, configure_logging=False)
     return True

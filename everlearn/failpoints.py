@@ -2,8 +2,8 @@
 
 ``EVERLEARN_FAILPOINTS`` lists ``name=action`` pairs, comma separated, each
 optionally with the hits it fires on: ``name@3=kill`` (the third time only),
-``name@2-4=nan`` (hits 2 to 4), ``name@5-=raise`` (the fifth and every later).
-Without ``@`` a failpoint fires on every hit.
+``name@2-4=nan`` (hits 2 to 4), ``name@5-=raise`` (the fifth and every later),
+``name@3|7-9=nan`` (hits 3 and 7 to 9). Without ``@`` a failpoint fires on every hit.
 
     kill    SIGKILL this process on the spot (no cleanup, no finally: a crash)
     raise   raise FailpointError (an unexpected bug in that place)
@@ -24,17 +24,17 @@ class FailpointError(RuntimeError):
     """Raised by a failpoint whose action is ``raise``."""
 
 
-def _parse(spec: str) -> dict[str, tuple[int, float, str]]:
-    rules: dict[str, tuple[int, float, str]] = {}
+def _parse(spec: str) -> dict[str, tuple[list[tuple[int, float]], str]]:
+    rules: dict[str, tuple[list[tuple[int, float]], str]] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, action = item.partition("=")
         name, _, hits = name.partition("@")
-        lo, hi = 1, float("inf")
-        if hits:
-            first, dash, last = hits.partition("-")
+        ranges: list[tuple[int, float]] = []
+        for part in hits.split("|") if hits else ["1-"]:
+            first, dash, last = part.partition("-")
             lo = int(first)
-            hi = (float(last) if last else float("inf")) if dash else lo
-        rules[name.strip()] = (lo, hi, action.strip() or "kill")
+            ranges.append((lo, (float(last) if last else float("inf")) if dash else lo))
+        rules[name.strip()] = (ranges, action.strip() or "kill")
     return rules
 
 
@@ -57,8 +57,8 @@ def hit(name: str) -> str | None:
         return None
     with _lock:
         n = _hits[name] = _hits.get(name, 0) + 1
-    lo, hi, action = _rules[name]
-    if not lo <= n <= hi:
+    ranges, action = _rules[name]
+    if not any(lo <= n <= hi for lo, hi in ranges):
         return None
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
