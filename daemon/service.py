@@ -173,9 +173,8 @@ class Daemon:
         for stage in (self.judge, self.train):
             with contextlib.suppress(Exception):
                 stage.stop()
-        if self.promote.server is not None and not self._ray_owned:  # a local Ray takes Serve down with it
-            with contextlib.suppress(Exception):
-                self.promote.stop()
+        # Serving is left running on a cluster the daemon joined: it keeps answering with the promoted
+        # version while the daemon restarts or upgrades. A local Ray takes Serve down with it.
         if self.status_server is not None:
             self.status_server.stop()
         if self._ray_owned:

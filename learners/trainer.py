@@ -14,6 +14,7 @@ actor), the buffer as safetensors shards, the replay schedule as JSON.
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from everlearn import failpoints
 from everlearn.buffers import BufferConfig, build_buffer
 from everlearn.buffers.persist import from_files, to_files
 from everlearn.errors import StageFailed
@@ -53,7 +55,10 @@ class TrainStage:
 
     # -- the actor -----------------------------------------------------------
     def start(self) -> None:
-        actor = ray.remote(Learner).options(num_cpus=self.train_cfg.num_cpus, num_gpus=self.train_cfg.num_gpus, max_restarts=0)
+        options: dict[str, Any] = {"num_cpus": self.train_cfg.num_cpus, "num_gpus": self.train_cfg.num_gpus, "max_restarts": 0}
+        if os.environ.get(failpoints.ENV):  # tests: the learner's failpoints are the daemon's, on any cluster
+            options["runtime_env"] = {"env_vars": {failpoints.ENV: os.environ[failpoints.ENV]}}
+        actor = ray.remote(Learner).options(**options)
         self.learner = actor.remote(self.model_cfg, self.train_cfg, self.schedule_cfg, self.store.url, self.store.storage_options)
 
     def stop(self) -> None:
