@@ -22,6 +22,7 @@ from everlearn.errors import ConfigError
 from everlearn.learners import ModelConfig, ScheduleConfig, TrainConfig
 
 ENV_PREFIX = "EVERLEARN_"
+NOT_CONFIG = {"EVERLEARN_FAILPOINTS"}  # EVERLEARN_ variables that are not config fields (everlearn/failpoints.py)
 
 
 class _Section(BaseModel):
@@ -57,6 +58,7 @@ class CheckpointConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for the checkpoint URL.")
     every_steps: int = Field(100, ge=1, description="Checkpoint every this many steps (also before every gate judgement and at stop).")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints kept besides the served one; older ones are swept.")
+    io_timeout_s: float = Field(60.0, gt=0, description="A storage call that has not finished after this long (plus 1 s per 8 MiB it sends) fails and is retried; a blackholed connection never holds the run.")
 
 
 class MetricsConfig(_Section):
@@ -119,6 +121,9 @@ class Config(_Section):
             problems.append(f"model.max_position_embeddings ({self.model.max_position_embeddings}) must be >= train.seq_len ({self.train.seq_len})")
         if self.buffer.capacity_tokens is not None and self.buffer.capacity_tokens < self.train.seq_len:
             problems.append(f"buffer.capacity_tokens ({self.buffer.capacity_tokens}) holds less than one sequence of train.seq_len ({self.train.seq_len}) tokens")
+        if self.train.queue_windows < self.train.batch_size:
+            problems.append(f"train.queue_windows ({self.train.queue_windows}) must be >= train.batch_size ({self.train.batch_size}): "
+                            "ingest stops reading at queue_windows, so a batch could never fill")
         if self.metrics.port and self.metrics.port == self.serve.port and self.metrics.host == self.serve.host:
             problems.append(f"metrics.port and serve.port are both {self.serve.port}; give them different ports")
         if problems:
@@ -179,7 +184,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded
     for key, value in sorted(env.items()):
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in NOT_CONFIG:
             continue
         fields = [f.lower() for f in key[len(ENV_PREFIX) :].split("__")]
         _set_path(data, fields, _scalar(value))

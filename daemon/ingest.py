@@ -124,7 +124,11 @@ class IngestStage:
         prepared = [self._prepare(raw) for raw in raws]
         rejected = [p for p in prepared if isinstance(p, Rejection)]
         if rejected:  # before the position moves on: a crash in between repeats them, never loses them
-            self.dead_letters.write(rejected)
+            try:
+                self.dead_letters.write(rejected)
+            except BaseException:
+                self.source.seek(self._position)  # the source moved past the batch: back, so the retry reads it again
+                raise
         with self._cv:
             for item in prepared:
                 if isinstance(item, Rejection):

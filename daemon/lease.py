@@ -66,6 +66,23 @@ class DirectoryLock:
             self._fd = None
 
 
+def _precondition_failed(e: BaseException | None) -> bool:
+    """Whether a conditional write was refused (HTTP 412), however the filesystem reports it: s3fs raises
+    FileExistsError for If-None-Match only when the server names the condition, else a plain
+    ``OSError(EINVAL)`` whose cause is the botocore ClientError."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FileExistsError):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and (response.get("Error", {}).get("Code") == "PreconditionFailed"
+                                           or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+            return True
+        e = e.__cause__
+    return False
+
+
 class StoreLease:
     """A renewed lease object in an object store (see the module docstring)."""
 
@@ -87,35 +104,63 @@ class StoreLease:
         return info.get("ETag") or info.get("etag")
 
     def _read(self) -> tuple[dict[str, Any], str | None]:
+        """The holder and the ETag of a version no newer than it: the ETag is read first, so a write
+        conditioned on it fails if the lease changed after it, never overwrites a holder not read."""
+        etag = self._etag_of()
         self.store.fs.invalidate_cache(self.path)
         try:
             holder = json.loads(self.store.fs.cat_file(self.path))
         except ValueError:
             holder = {}
-        return holder, self._etag_of()
+        return holder, etag
 
-    def _write(self, if_match: str | None) -> None:
-        if if_match is None:
-            self.store.fs.pipe_file(self.path, self._body(), mode="create")
+    def _write(self, if_match: str | None, create: bool = False) -> None:
+        """Create the lease (fails if it exists), or replace the version ``if_match`` names (fails if it changed).
+
+        A store without ETags (memory://) replaces it unconditionally: last writer wins.
+        """
+        if create:
+            out = self.store.fs.pipe_file(self.path, self._body(), mode="create")
+        elif if_match is not None:
+            out = self.store.fs.pipe_file(self.path, self._body(), IfMatch=if_match)
         else:
-            self.store.fs.pipe_file(self.path, self._body(), IfMatch=if_match)
-        self._etag = self._etag_of()
+            out = self.store.fs.pipe_file(self.path, self._body())
+        self._etag = out.get("ETag") if isinstance(out, dict) else None
+
+    def _locked(self, holder: dict[str, Any]) -> RunLockedError:
+        return RunLockedError(
+            f"checkpoint store {self.store.url} is leased by another everlearn daemon "
+            f"(host {holder.get('host')}, pid {holder.get('pid')}, until unix {holder.get('expires_unix')}); "
+            f"stop it, or wait {self.ttl_s:.0f} s after it died, or use another checkpoint.url"
+        )
 
     def acquire(self) -> None:
+        self._stop.clear()  # a lease acquired again after release() renews again
+        self.lost = None
         self.store.fs.makedirs(self.store.root, exist_ok=True)
-        try:
-            self._write(None)
-        except (FileExistsError, OSError) as e:
-            if not isinstance(e, FileExistsError) and "PreconditionFailed" not in str(e) and "412" not in str(e):
-                raise
-            holder, etag = self._read()
+        for _ in range(3):  # the lease may be released between a refused create and the read
+            try:
+                self._write(None, create=True)
+                break
+            except OSError as e:
+                if not _precondition_failed(e):
+                    raise
+            try:
+                holder, etag = self._read()
+            except FileNotFoundError:
+                continue
             if not self._expired(holder):
-                raise RunLockedError(
-                    f"checkpoint store {self.store.url} is leased by another everlearn daemon "
-                    f"(host {holder.get('host')}, pid {holder.get('pid')}, until unix {holder.get('expires_unix')}); "
-                    f"stop it, or wait {self.ttl_s:.0f} s after it died, or use another checkpoint.url"
-                ) from None
-            self._write(etag)  # take over: fails if someone else did in between
+                raise self._locked(holder) from None
+            try:
+                self._write(etag)  # take over: fails if someone else did in between
+                break
+            except OSError as e:
+                if not _precondition_failed(e):
+                    raise
+                raise self._locked(self._read()[0]) from None
+        else:
+            raise RunLockedError(f"checkpoint store {self.store.url}: its lease keeps changing hands; another everlearn "
+                                 "daemon is starting on it: stop it, or use another checkpoint.url")
         self._thread = threading.Thread(target=self._renew_loop, name="everlearn-lease", daemon=True)
         self._thread.start()
 

@@ -54,7 +54,7 @@ class Metrics:
         self.train_wait_seconds = Counter(f"{PREFIX}_train_wait_seconds", "Time the trainer waited for packed windows from ingest.", registry=r)
         self.nonfinite_steps = Counter(f"{PREFIX}_nonfinite_steps", "Steps skipped because the loss or gradient was NaN or infinite (batch quarantined).", registry=r)
         self.documents_quarantined = Counter(f"{PREFIX}_documents_quarantined", "Documents recorded in quarantine.jsonl from skipped non-finite steps.", registry=r)
-        self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Restores of the whole run from its newest verified checkpoint.", ["reason"], registry=r)
+        self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Restores of the whole run from its newest verified checkpoint, by the stage that failed.", ["stage"], registry=r)
         self.step = Gauge(f"{PREFIX}_step", "Optimizer steps of the model so far (across restarts).", registry=r)
         self.loss = Gauge(f"{PREFIX}_train_loss", "Training loss of the last step (nats per token).", registry=r)
         self.learning_rate = Gauge(f"{PREFIX}_learning_rate", "Learning rate of the last step.", registry=r)

@@ -14,6 +14,7 @@ exits at once.
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -37,10 +38,26 @@ def start_ray(cfg: Config) -> bool:
         ray.init(address=rc.address, log_to_driver=False)
         return False
     global _reaper
-    _reaper = _reaper or reaper.start()  # first: it must see every process Ray starts
+    _reaper = _reaper or reaper.start()
+    before = reaper.children(os.getpid())
     ray.init(num_cpus=rc.num_cpus, object_store_memory=rc.object_store_memory_mb * 2**20,
              include_dashboard=rc.include_dashboard, log_to_driver=False, configure_logging=False)
+    reaper.watch(_reaper, reaper.children(os.getpid()) - before - {_reaper.pid})  # the processes Ray started
     return True
+
+
+def stop_ray() -> None:
+    """Shut the local Ray down, then let the reaper finish off whatever outlived it and exit."""
+    global _reaper
+    ray.shutdown()
+    if _reaper is not None:
+        _reaper.stdin.close()  # end of file: the reaper kills what is left and exits
+        try:
+            _reaper.wait(10)
+        except subprocess.TimeoutExpired:
+            _reaper.kill()
+            _reaper.wait(5)
+        _reaper = None
 
 
 class StopSignals:

@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.demo import seed_demo_stream
@@ -31,7 +29,7 @@ from everlearn.daemon.lease import RunLease
 from everlearn.daemon.metrics import Metrics
 from everlearn.daemon.progress import Progress
 from everlearn.daemon.runstate import RunState
-from everlearn.daemon.runtime import StopSignals, start_ray
+from everlearn.daemon.runtime import StopSignals, start_ray, stop_ray
 from everlearn.daemon.status import JsonlLog, compose_status, load_quarantined
 from everlearn.deploy import AuditLog
 from everlearn.deploy.judge import JudgeStage
@@ -58,7 +56,7 @@ class Daemon:
         self.progress = Progress(out, interval_s=cfg.log.interval_s)
         ev = self.progress.event
         self.run_dir = Path(cfg.run_dir)
-        self.store = CheckpointStore(cfg.checkpoint_url, cfg.checkpoint.storage_options)
+        self.store = CheckpointStore(cfg.checkpoint_url, cfg.checkpoint.storage_options, timeout_s=cfg.checkpoint.io_timeout_s)
         self.lease = RunLease(self.run_dir, self.store, cfg.supervision.lease_ttl_s)
         self.runstate = RunState(self.store, cfg.buffer.shard_mb, self.metrics, ev)
         self.lineage = JsonlLog(self.run_dir / "lineage.jsonl") if cfg.log.lineage else None
@@ -140,6 +138,7 @@ class Daemon:
         self.metrics.buffer_capacity_tokens.set(self.train.buffer.capacity * self.train.buffer.seq_len)
         self.ingest.start()
         self.promote.wait_serving()
+        self.judge.start()  # after the learner: the two do not load torch at the same time
         self.state = "running"
         self.progress.event("ready", step=self.step, serving=self.promote.server.url if self.promote.server else None,
                             served_version=self.promote.served["version"], metrics=self.status_server.url + "/metrics", stream=cfg.source.url)
@@ -178,7 +177,7 @@ class Daemon:
         if self.status_server is not None:
             self.status_server.stop()
         if self._ray_owned:
-            ray.shutdown()
+            stop_ray()
         self.lease.release()
         self.state = "stopped"
 
@@ -224,14 +223,16 @@ class Daemon:
         """Restore every stage from the newest verified checkpoint (new actors where they died)."""
         stage = failure.stage
         self.restarts[stage] = self.restarts.get(stage, 0) + 1
-        self.metrics.stage_restarts.labels(stage).inc()
+        if failure.actor_died:
+            self.metrics.stage_restarts.labels(stage).inc()
         self.metrics.rollbacks.labels(stage).inc()
         delay = self._restart_backoff.next_delay()
         self.progress.event("stage_restart", stage=stage, reason=failure.reason, restarts=self.restarts[stage], in_s=round(delay, 2))
         self.state = f"recovering: {failure.reason}"
         self.stop_event.wait(delay)
         self.ingest.stop()
-        self.train.restart()
+        if failure.actor_died:
+            self.train.restart()  # a new learner; after a NaN streak the live one just reloads the checkpoint
         ref, set_aside = retry(self.store.recover, timeout_s=self.cfg.supervision.checkpoint_retry_s)
         self.runstate.report(set_aside)
         if ref is None:

@@ -43,10 +43,11 @@ class AuditLog:
             return []
         with open(self.path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
+            start = max(0, size - max_bytes)
+            f.seek(max(0, start - 1))  # and the byte before: a newline there means the first line is whole
             data = f.read()
-        if size > max_bytes:
-            data = data[data.find(b"\n") + 1 :]  # the first line is probably cut
+        if start > 0:
+            data = data[data.find(b"\n") + 1 :]  # the first line is cut (or is that byte before a whole one)
         return _parse(data)
 
 

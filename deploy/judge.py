@@ -51,7 +51,8 @@ class JudgeStage:
         self.last: dict[str, Any] | None = None
 
     def start(self) -> None:
-        """Nothing to do yet: the evaluator starts with the first judgement, not while the run starts up."""
+        """Start the evaluator actor (call once the run is up: it loads torch beside a learner that is busy starting)."""
+        self._evaluator()
 
     def _evaluator(self):
         if self.evaluator is None:

@@ -52,13 +52,11 @@ class PromoteStage:
         doc = {**self.served, "next_version": self.next_version, "history": self.history[:HISTORY]}
         if decision is not None:
             doc["decision"] = decision
-        tmp = f"{self.store.root}/.{SERVED}.tmp"
-        self.store.fs.pipe_file(tmp, json.dumps(doc, default=str).encode())
-        self.store.fs.mv(tmp, f"{self.store.root}/{SERVED}")
+        self.store.write_root(SERVED, json.dumps(doc, default=str).encode())
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            doc = json.loads(self.store.fs.cat_file(f"{self.store.root}/{SERVED}"))
+            doc = json.loads(self.store.read_root(SERVED))
         except FileNotFoundError:
             return None
         except ValueError:
@@ -151,7 +149,16 @@ class PromoteStage:
         self.served, self.next_version = served_record(version, j.candidate), version + 1
         self.history = [previous, *self.history][:HISTORY]
         record = {**record, "promoted_version": version}
-        self._write(decision=record)
+        try:
+            self._write(decision=record)
+        except Exception as e:  # noqa: BLE001 the commit point was not reached: nothing happened, whatever the error
+            self.served, self.next_version, self.history = previous, version, self.history[1:]
+            failed = {**record, "verdict": "failed", "passed": True, "promoted_version": None,
+                      "reason": f"passed, but {SERVED} could not be written ({type(e).__name__}: {e}); serving unchanged"}
+            self.audit.append(failed)
+            self.metrics.gate_decisions.labels("failed").inc()
+            self.events("promotion_failed", step=j.step, error=str(e)[:300])
+            return failed
         failpoints.hit("promote.after_record")
         self.audit.append(record)
         self.metrics.promotions.inc()

@@ -64,9 +64,9 @@ class NonFiniteError(EverlearnError):
 class StageFailed(EverlearnError):
     """A stage cannot go on by itself; the supervisor restarts it from the newest verified checkpoint."""
 
-    def __init__(self, stage: str, reason: str):
+    def __init__(self, stage: str, reason: str, actor_died: bool = False):
         super().__init__(f"{stage} stage failed: {reason}")
-        self.stage, self.reason = stage, reason
+        self.stage, self.reason, self.actor_died = stage, reason, actor_died
 
 
 class ServingError(EverlearnError):

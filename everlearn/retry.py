@@ -48,7 +48,8 @@ def _chain(exc: BaseException):
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        # ``raise X from None`` suppresses the context: X alone is the error
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
 
 
 class Backoff:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from everlearn import failpoints
 from everlearn.errors import CheckpointCorruptError, CheckpointError, StorageUnavailable
@@ -85,8 +86,10 @@ def step_name(step: int) -> str:
 class CheckpointStore:
     """Write, verify, list, recover and sweep checkpoints under ``url`` (file://, s3://, memory://, ...)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, keep_set_aside: int = 8):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, keep_set_aside: int = 8,
+                 timeout_s: float = 60.0, mb_per_s: float = 8.0):
         self.url = url.rstrip("/")
+        self.timeout_s, self.mb_per_s = timeout_s, mb_per_s
         self.storage_options = dict(storage_options or {})
         self.keep_set_aside = keep_set_aside
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
@@ -103,10 +106,18 @@ class CheckpointStore:
         path = self._path(name)
         return self._prefix + path if not path.startswith(self._prefix) else path
 
-    def _io(self, what: str, fn, *args, **kwargs):
-        """Storage call; a transient failure becomes StorageUnavailable (the caller retries)."""
+    def _io(self, what: str, method: str, *args, **kwargs):
+        """One storage call, bounded in time; a transient failure becomes StorageUnavailable (the caller retries).
+
+        The bound is ``timeout_s`` plus a second per ``mb_per_s`` MiB sent: a blackholed
+        connection (accepted, never answered) would otherwise hold a write forever.
+        """
+        size = next((len(a) for a in args if isinstance(a, bytes | bytearray)), 0)
+        timeout = self.timeout_s + size / (self.mb_per_s * 2**20)
         try:
-            return fn(*args, **kwargs)
+            if getattr(self.fs, "async_impl", False) and hasattr(self.fs, f"_{method}"):
+                return fsspec.asyn.sync(self.fs.loop, getattr(self.fs, f"_{method}"), *args, timeout=timeout, **kwargs)
+            return getattr(self.fs, method)(*args, **kwargs)
         except (FileNotFoundError, FileExistsError):
             raise
         except Exception as e:
@@ -114,12 +125,21 @@ class CheckpointStore:
                 raise StorageUnavailable(f"checkpoint store {self.url} did not answer ({what}): {type(e).__name__}: {e}") from e
             raise
 
+    def write_root(self, name: str, data: bytes) -> None:
+        """Replace a file beside the checkpoints (e.g. SERVED.json) all at once: written aside, then renamed."""
+        self._replace(self._path(name), data)
+
+    def read_root(self, name: str) -> bytes:
+        """A file beside the checkpoints; FileNotFoundError when there is none."""
+        return self._io(f"read {name}", "cat_file", self._path(name))
+
     # -- writing -----------------------------------------------------------
     def begin(self, step: int) -> SetAside:
         """Make way for the checkpoint of ``step``: a leftover uncommitted directory of it is moved aside."""
         name, out = step_name(step), SetAside()
-        if self._io("exists", self.fs.exists, self._path(name)):
-            if self._io("exists", self.fs.exists, self._path(name, MANIFEST)):
+        self.fs.invalidate_cache()
+        if self._io("exists", "exists", self._path(name)):
+            if self._io("exists", "exists", self._path(name, MANIFEST)):
                 raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable")
             out.moved.append(self.set_aside(name, "an earlier write of this step never committed"))
         return out
@@ -128,8 +148,8 @@ class CheckpointStore:
         """Write one file of the checkpoint for ``step``; returns its digest for the manifest."""
         if "/" in name or name in (MANIFEST, LATEST):
             raise ValueError(f"bad checkpoint file name {name!r}")
-        self._io("makedirs", self.fs.makedirs, self._path(step_name(step)), exist_ok=True)
-        self._io(f"write {name}", self.fs.pipe_file, self._path(step_name(step), name), data)
+        self._io("makedirs", "makedirs", self._path(step_name(step)), exist_ok=True)
+        self._io(f"write {name}", "pipe_file", self._path(step_name(step), name), data)
         return digest(data)
 
     def commit(self, step: int, files: dict[str, FileEntry], meta: dict[str, Any] | None = None) -> CheckpointRef:
@@ -137,7 +157,7 @@ class CheckpointStore:
         name = step_name(step)
         for fname, entry in files.items():
             try:
-                got = digest(self._io(f"read {fname}", self.fs.cat_file, self._path(name, fname)))
+                got = digest(self._io(f"read {fname}", "cat_file", self._path(name, fname)))
             except FileNotFoundError as e:
                 raise CheckpointCorruptError(f"{self.uri(name)}/{fname} was written but is missing on storage") from e
             if got != entry:
@@ -162,7 +182,7 @@ class CheckpointStore:
         """Write ``path`` only if it does not exist, all at once (FileExistsError otherwise)."""
         if not self.local:  # object stores: a conditional create (If-None-Match: *)
             try:
-                self._io("create manifest", self.fs.pipe_file, path, data, mode="create")
+                self._io("create manifest", "pipe_file", path, data, mode="create")
             except OSError as e:
                 if "PreconditionFailed" in str(e) or "412" in str(e):
                     raise FileExistsError(path) from e
@@ -179,14 +199,18 @@ class CheckpointStore:
             os.unlink(tmp)
 
     def _replace(self, path: str, data: bytes) -> None:
+        """A reader sees the old bytes or the new, never a mix: an object store's PUT already is whole."""
+        if not self.local:
+            self._io("write", "pipe_file", path, data)
+            return
         tmp = f"{path}.tmp"
-        self._io("write", self.fs.pipe_file, tmp, data)
-        self._io("rename", self.fs.mv, tmp, path)
+        self._io("write", "pipe_file", tmp, data)
+        self._io("rename", "mv", tmp, path)
 
     # -- reading -----------------------------------------------------------
     def _manifest_bytes(self, name: str) -> bytes:
         try:
-            return self._io("read manifest", self.fs.cat_file, self._path(name, MANIFEST))
+            return self._io("read manifest", "cat_file", self._path(name, MANIFEST))
         except FileNotFoundError as e:
             raise CheckpointError(f"no manifest at {self.uri(name)}: the checkpoint was never committed") from e
 
@@ -210,7 +234,7 @@ class CheckpointStore:
         if entry is None:
             raise CheckpointError(f"{ref.uri} has no file {name!r}")
         try:
-            data = self._io(f"read {name}", self.fs.cat_file, self._path(ref.name, name))
+            data = self._io(f"read {name}", "cat_file", self._path(ref.name, name))
         except FileNotFoundError as e:
             raise CheckpointCorruptError(f"{ref.uri}/{name} is listed in the manifest but missing") from e
         got = digest(data)
@@ -234,10 +258,10 @@ class CheckpointStore:
         return sorted(refs, key=lambda r: r.step)
 
     def _step_dirs(self) -> list[str]:
-        self.fs.invalidate_cache(self.root)
-        if not self._io("exists", self.fs.exists, self.root):
+        self.fs.invalidate_cache()  # another writer (the learner actor, a crashed daemon) changed the store
+        if not self._io("exists", "exists", self.root):
             return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", self.fs.ls, self.root, detail=False)]
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", "ls", self.root, detail=False)]
         return sorted(n for n in names if n.startswith("step-"))
 
     def latest(self) -> CheckpointRef | None:
@@ -279,11 +303,12 @@ class CheckpointStore:
     def set_aside(self, name: str, reason: str) -> tuple[str, str, str]:
         """Move checkpoint directory ``name`` under set-aside/ with a note of why; returns (name, new uri, reason)."""
         dest = f"{SET_ASIDE}/{name}.{int(time.time() * 1000)}"
-        self._io("mkdir", self.fs.makedirs, self._path(SET_ASIDE), exist_ok=True)
-        self._io("move aside", self.fs.mv, self._path(name), self._path(dest), recursive=True)
+        self._io("mkdir", "makedirs", self._path(SET_ASIDE), exist_ok=True)
+        self.fs.invalidate_cache()  # a recursive move lists the directory: never from a stale listing
+        self._io("move aside", "mv", self._path(name), self._path(dest), recursive=True)
         note = json.dumps({"name": name, "reason": reason, "unix": time.time()}).encode()
         with contextlib.suppress(OSError, StorageUnavailable):
-            self._io("write note", self.fs.pipe_file, self._path(dest, "SET_ASIDE.json"), note)
+            self._io("write note", "pipe_file", self._path(dest, "SET_ASIDE.json"), note)
         return name, self.uri(dest), reason
 
     def sweep(self, keep_last: int, protect: set[str] | frozenset[str] = frozenset()) -> SetAside:
@@ -300,7 +325,8 @@ class CheckpointStore:
             if name in keep:
                 continue
             if name in committed:
-                self._io("delete", self.fs.rm, self._path(name), recursive=True)
+                self.fs.invalidate_cache()
+                self._io("delete", "rm", self._path(name), recursive=True)
                 out.removed.append(name)
             else:
                 out.moved.append(self.set_aside(name, "no manifest: a write that never committed"))
@@ -309,11 +335,11 @@ class CheckpointStore:
 
     def _trim_set_aside(self) -> list[str]:
         base = self._path(SET_ASIDE)
-        if not self._io("exists", self.fs.exists, base):
+        if not self._io("exists", "exists", base):
             return []
-        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", self.fs.ls, base, detail=False)),
+        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", "ls", base, detail=False)),
                          key=lambda n: int(n.rsplit(".", 1)[-1]) if n.rsplit(".", 1)[-1].isdigit() else 0)
         old = entries[: max(0, len(entries) - self.keep_set_aside)]
         for name in old:
-            self._io("delete", self.fs.rm, f"{base}/{name}", recursive=True)
+            self._io("delete", "rm", f"{base}/{name}", recursive=True)
         return [f"{SET_ASIDE}/{n}" for n in old]

@@ -91,7 +91,8 @@ def token_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray
 class Learner:
     """Trains one causal LM on packed batches; evaluates it and other checkpoints."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, schedule_cfg: ScheduleConfig, store_url: str, storage_options: dict | None = None):
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, schedule_cfg: ScheduleConfig, store_url: str,
+                 storage_options: dict | None = None, store_timeout_s: float = 60.0):
         torch.set_num_threads(train_cfg.torch_threads)
         torch.manual_seed(train_cfg.seed)
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
@@ -104,7 +105,7 @@ class Learner:
             self.model.parameters(), lr=self.schedule(0), betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay
         )
         self.step = 0
-        self.store = CheckpointStore(store_url, storage_options)
+        self.store = CheckpointStore(store_url, storage_options, timeout_s=store_timeout_s)
 
     def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> StepStats:
         t0 = time.perf_counter()

@@ -59,7 +59,8 @@ class TrainStage:
         if os.environ.get(failpoints.ENV):  # tests: the learner's failpoints are the daemon's, on any cluster
             options["runtime_env"] = {"env_vars": {failpoints.ENV: os.environ[failpoints.ENV]}}
         actor = ray.remote(Learner).options(**options)
-        self.learner = actor.remote(self.model_cfg, self.train_cfg, self.schedule_cfg, self.store.url, self.store.storage_options)
+        self.learner = actor.remote(self.model_cfg, self.train_cfg, self.schedule_cfg, self.store.url, self.store.storage_options,
+                                    self.store.timeout_s)
 
     def stop(self) -> None:
         if self.learner is not None:
@@ -75,7 +76,7 @@ class TrainStage:
         try:
             return ray.get(getattr(self.learner, method).remote(*args))
         except RayActorError as e:
-            raise StageFailed("train", f"the learner actor died ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+            raise StageFailed("train", f"the learner actor died ({type(e).__name__}: {str(e).splitlines()[0][:300]})", actor_died=True) from e
 
     # -- a step --------------------------------------------------------------
     def n_fresh(self) -> int:

@@ -1,9 +1,6 @@
 """The same source and checkpoint code on s3:// against a real S3-compatible server (moto)."""
 
-import contextlib
 import json
-import socket
-import threading
 
 import boto3
 import pytest
@@ -14,6 +11,7 @@ from everlearn.daemon.records import Document, decode
 from everlearn.daemon.sources import DirectorySource
 from everlearn.errors import CheckpointCorruptError, SourceUnavailable
 from everlearn.learners import CheckpointStore
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
@@ -194,56 +192,6 @@ def test_the_generic_fsspec_lister_does_not_trust_a_cached_listing(s3_bucket):
     assert set(found) == {"a.jsonl", "b.jsonl"}
     with store.open(found["b.jsonl"]) as r:
         assert r.read(100) == _line(1)
-
-
-class Proxy:
-    """A TCP proxy in front of the S3 server that can go down (refusing and cutting connections) and come back."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.up = True
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                continue
-            server = socket.create_connection(self.upstream)
-            self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def down(self):
-        self.up = False
-        for c in self.conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        self.conns.clear()
-
-    def close(self):
-        self.down()
-        self.sock.close()
 
 
 def test_an_outage_is_source_unavailable_and_the_stream_resumes_exactly(s3_bucket):

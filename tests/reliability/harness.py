@@ -10,6 +10,7 @@ Invariants every scenario checks:
 4. recovery within 60 s: from a restart to the daemon ready again.
 """
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -59,10 +60,8 @@ def events(out: io.StringIO | Path) -> list[dict[str, Any]]:
     found = []
     for line in text.splitlines():
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 found.append(json.loads(line))
-            except ValueError:
-                pass
     return found
 
 
@@ -71,10 +70,8 @@ def jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     out = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(ValueError, RecursionError):  # a line torn by a kill
             out.append(json.loads(line))
-        except ValueError:
-            pass  # a line torn by a kill
     return out
 
 
@@ -102,10 +99,8 @@ def delivered(stream: Path, position: dict[str, Any]) -> set[str]:
         offset = 0
         for line in path.read_bytes().splitlines(keepends=True):
             if offset + len(line) <= end:
-                try:
+                with contextlib.suppress(ValueError, KeyError, TypeError, RecursionError):
                     ids.add(str(json.loads(line)["id"]))
-                except (ValueError, KeyError, TypeError):
-                    pass
             offset += len(line)
     return ids
 
@@ -134,10 +129,8 @@ def assert_nothing_lost(run: Path, store: CheckpointStore, docs: dict[str, str],
     quarantined = {d["id"] for q in jsonl(run / "quarantine.jsonl") for d in q["documents"]}
     dead_ids = set()
     for d in dead:
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError, RecursionError):
             dead_ids.add(str(json.loads(d["raw"])["id"]))
-        except (ValueError, KeyError, TypeError):
-            pass
     tok = build_tokenizer(ModelConfig())
     for doc_id, text in docs.items():
         if held_out(doc_id, HOLDOUT):
