@@ -1,4 +1,4 @@
-"""Retrying what fails for a while: exponential backoff with full jitter, and what counts as transient.
+"""Retrying what fails for a while: exponential backoff with jitter, and what counts as transient.
 
 A storage or broker outage must never end the daemon: the caller retries with
 growing, randomised pauses (so many daemons do not retry in lockstep) and shows
@@ -53,7 +53,7 @@ def _chain(exc: BaseException):
 
 
 class Backoff:
-    """Pauses of ``base_s * 2**n``, capped at ``max_s``, each drawn uniformly below that (full jitter)."""
+    """Pauses of ``base_s * 2**n``, capped at ``max_s``, each drawn uniformly between a quarter of that and that (jitter that never retries at once)."""
 
     def __init__(self, base_s: float = 0.5, max_s: float = 30.0, seed: int | None = None):
         self.base_s, self.max_s = base_s, max_s

@@ -304,12 +304,32 @@ class CheckpointStore:
         """Move checkpoint directory ``name`` under set-aside/ with a note of why; returns (name, new uri, reason)."""
         dest = f"{SET_ASIDE}/{name}.{int(time.time() * 1000)}"
         self._io("mkdir", "makedirs", self._path(SET_ASIDE), exist_ok=True)
-        self.fs.invalidate_cache()  # a recursive move lists the directory: never from a stale listing
-        self._io("move aside", "mv", self._path(name), self._path(dest), recursive=True)
+        self._move(self._path(name), self._path(dest))
         note = json.dumps({"name": name, "reason": reason, "unix": time.time()}).encode()
         with contextlib.suppress(OSError, StorageUnavailable):
             self._io("write note", "pipe_file", self._path(dest, "SET_ASIDE.json"), note)
         return name, self.uri(dest), reason
+
+    def _move(self, src: str, dst: str) -> None:
+        """Move a directory: a rename on local disks; elsewhere each file copied, then deleted.
+
+        An object store has no directories to rename, and a recursive ``mv`` there copies the
+        keys of a listing, which after an interrupted write may name a key that is not there.
+        """
+        if self.local:
+            self._io("move aside", "mv", src, dst, recursive=True)
+            return
+        self.fs.invalidate_cache()
+        files = self._io("list", "find", src)
+        prefix = src.strip("/") + "/"
+        for path in files:
+            self._io("copy aside", "cp_file", path, f"{dst}/{path.strip('/')[len(prefix):]}")
+        for path in files:
+            self._io("delete", "rm_file", path)
+        self.fs.invalidate_cache()
+        with contextlib.suppress(FileNotFoundError):  # what is left of it: an empty directory, where there are such
+            if self._io("exists", "exists", src):
+                self._io("delete", "rm", src, recursive=True)
 
     def sweep(self, keep_last: int, protect: set[str] | frozenset[str] = frozenset()) -> SetAside:
         """Retention: delete committed checkpoints beyond the newest ``keep_last``; move uncommitted ones aside.

@@ -39,7 +39,7 @@ def test_buffer_kind_runs_boosts_replay_after_a_shift_and_resumes(kind, tmp_path
     buffer = {"capacity": CAPACITY, "replay_fraction": 0.25, "replay_boost": 0.5, "boost_steps": 1000,
               "shift_window": 16, "shift_threshold": 0.5, **BUFFERS[kind]}
     config = tiny_config(tmp_path, port_factory(), metrics_port := port_factory(), buffer=buffer,
-                         gate={"every_steps": 1000}, checkpoint={"every_steps": 1000})
+                         gate={"every_steps": 1000}, checkpoint={"every_steps": 1000}, serve={"enabled": False})
     stream, run = tmp_path / "stream", tmp_path / "run"
     status_url = f"http://127.0.0.1:{metrics_port}/status"
     man = [{"id": i, "text": t, "domain": "manpages", "quality": 0} for i, t in demo.take(demo.man_pages(), DOMAIN_BYTES)]

@@ -49,7 +49,7 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
     url, opts = s3_bucket
     direct = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
     bucket = url.removeprefix("s3://")
-    docs = man_docs(50_000)
+    docs = man_docs(36_000)
     first, later = docs[: len(docs) // 2], docs[len(docs) // 2 :]
     direct.pipe(f"{bucket}/stream/00-man.jsonl", _jsonl_bytes(first))
     proxy = Proxy(int(opts["client_kwargs"]["endpoint_url"].rsplit(":", 1)[1]))
