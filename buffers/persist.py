@@ -6,6 +6,7 @@ so no shard exceeds ``shard_bytes`` (but for a single row larger than that).
 The caller (the checkpoint writer) records every file's sha256 in its manifest.
 """
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -38,3 +39,16 @@ def from_files(prefix: str, read: Callable[[str], bytes]) -> dict[str, Any]:
     if arrays and len(next(iter(arrays.values()))) != rows:
         raise ValueError(f"{prefix}: shards hold {len(next(iter(arrays.values())))} rows, the index says {rows}")
     return {"arrays": arrays, "meta": meta}
+
+
+def buffer_digest(buffer) -> str:
+    """sha256 over a buffer's kept sequences, counters and random state: equal digests, equal buffers."""
+    h = hashlib.sha256()
+    state = buffer.state_dict()
+    for k in sorted(state["arrays"]):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(state["arrays"][k]).tobytes())
+    meta = {k: v for k, v in state["meta"].items() if k != "rng"}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(json.dumps(state["meta"]["rng"], sort_keys=True).encode())
+    return h.hexdigest()

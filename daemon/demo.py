@@ -103,3 +103,14 @@ def seed_demo_stream(directory: Path, bytes_per_domain: int) -> list[Path]:
         write_jsonl(path, domain, take(docs(), bytes_per_domain))
         files.append(path)
     return files
+
+
+def seed_if_empty(url: str, cfg, event) -> None:
+    """With ``demo.seed_if_empty``, fill a local stream directory that holds no stream files yet (``make run``)."""
+    if not cfg.seed_if_empty or "://" in url and not url.startswith("file://"):
+        return
+    directory = Path(url.removeprefix("file://"))
+    if directory.exists() and any(p.suffix in (".jsonl", ".txt") for p in directory.rglob("*")):
+        return
+    files = seed_demo_stream(directory, cfg.bytes_per_domain)
+    event("demo", seeded=str(directory), files=[f.name for f in files])

@@ -13,6 +13,7 @@ reliability suite can crash the process at each of them.
 """
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from everlearn.deploy.judge import JudgeStage
 from everlearn.learners import CheckpointRef, CheckpointStore
 from everlearn.learners.checkpoints import SetAside
 from everlearn.learners.trainer import TrainStage
+from everlearn.retry import Backoff, retry
 
 DAEMON_STATE = "daemon.json"
 INGEST_ARRAYS, INGEST_META, HOLDOUT_OLD = "ingest.safetensors", "ingest.json", "holdout_old"
@@ -62,6 +64,15 @@ class RunState:
         failpoints.hit("checkpoint.committed")
         self.report(self.store.sweep(keep_last, protect=protect | {ref.name}))
         failpoints.hit("checkpoint.swept")
+        return ref
+
+    def commit(self, step: int, train: TrainStage, ingest: IngestStage, daemon: dict[str, Any], meta: dict[str, Any],
+               protect: set[str], keep_last: int, retry_s: float, backoff: Backoff) -> CheckpointRef:
+        """``write``, retried while storage does not answer for up to ``retry_s``; counted and timed."""
+        t0 = time.perf_counter()
+        ref = retry(lambda: self.write(step, train, ingest, daemon, meta, protect, keep_last), timeout_s=retry_s, backoff=backoff)
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         return ref
 
     def read(self, ref: CheckpointRef, train: TrainStage, ingest: IngestStage, judge: JudgeStage) -> dict[str, Any]:

@@ -14,15 +14,15 @@ while failures repeat. Details of each stage live in its module.
 """
 
 import contextlib
-import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from everlearn.buffers.persist import buffer_digest
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
-from everlearn.daemon.demo import seed_demo_stream
+from everlearn.daemon.demo import seed_if_empty
 from everlearn.daemon.http import StatusServer
 from everlearn.daemon.ingest import IngestStage
 from everlearn.daemon.lease import RunLease
@@ -30,7 +30,7 @@ from everlearn.daemon.metrics import Metrics
 from everlearn.daemon.progress import Progress
 from everlearn.daemon.runstate import RunState
 from everlearn.daemon.runtime import StopSignals, start_ray, stop_ray
-from everlearn.daemon.status import JsonlLog, compose_status, load_quarantined
+from everlearn.daemon.status import JsonlLog, Quarantine, Rate, compose_status
 from everlearn.deploy import AuditLog
 from everlearn.deploy.judge import JudgeStage
 from everlearn.deploy.promote import PromoteStage
@@ -60,10 +60,10 @@ class Daemon:
         self.lease = RunLease(self.run_dir, self.store, cfg.supervision.lease_ttl_s)
         self.runstate = RunState(self.store, cfg.buffer.shard_mb, self.metrics, ev)
         self.lineage = JsonlLog(self.run_dir / "lineage.jsonl") if cfg.log.lineage else None
-        self.quarantine_log = JsonlLog(self.run_dir / "quarantine.jsonl")
         tokenizer = build_tokenizer(cfg.model)
         self.ingest = IngestStage(cfg, tokenizer, self.metrics, ev, DeadLetterSink(self.run_dir / "dead_letter.jsonl"))
-        self.train = TrainStage(cfg.model, cfg.train, cfg.schedule, cfg.buffer, self.store, self.metrics, ev, self._quarantine,
+        self.quarantine = Quarantine(self.run_dir / "quarantine.jsonl", self.ingest.quarantined)
+        self.train = TrainStage(cfg.model, cfg.train, cfg.schedule, cfg.buffer, self.store, self.metrics, ev, self.quarantine,
                                 self.lineage.append if self.lineage else None, cfg.supervision.nonfinite_rollback_after)
         self.judge = JudgeStage(cfg.gate, cfg.model, cfg.checkpoint.storage_options, self.metrics, ev, cfg.train.eval_batch_size)
         self.promote = PromoteStage(self.store, cfg.model, cfg.serve, AuditLog(self.run_dir / "audit.jsonl"), self.metrics, ev)
@@ -75,16 +75,11 @@ class Daemon:
         self.resumed_from: CheckpointRef | None = None
         self.checkpoint_failing: str | None = None
         self._restart_backoff = Backoff(cfg.supervision.restart_backoff_s, cfg.supervision.backoff_max_s)
-        self._rate, self._last_t = 0.0, None
+        self.rate = Rate(clock)
         self._ray_owned = False
 
     def status(self) -> dict[str, Any]:
         return compose_status(self)
-
-    def _quarantine(self, record: dict[str, Any]) -> None:
-        """A skipped step's documents: recorded with provenance, and refused if the stream delivers them again."""
-        self.quarantine_log.append(record)
-        self.ingest.quarantined.update(d["id"] for d in record["documents"])
 
     def health(self) -> list[str]:
         return [p for p in (self.ingest.degraded, self.checkpoint_failing, self.lease.lost) if p]
@@ -94,7 +89,7 @@ class Daemon:
         """Run until stopped or ``max_steps`` more steps; returns the final status."""
         self.lease.acquire()
         try:
-            self._seed_demo()
+            seed_if_empty(self.cfg.source.url, self.cfg.demo, self.progress.event)
             self._ray_owned = start_ray(self.cfg)
             StopSignals(self.stop_event, self.cfg.supervision.stop_grace_s, self.progress.event).install()
             self._open()
@@ -104,16 +99,6 @@ class Daemon:
             self._close()
         return self.status()
 
-    def _seed_demo(self) -> None:
-        url = self.cfg.source.url
-        if not self.cfg.demo.seed_if_empty or "://" in url and not url.startswith("file://"):
-            return
-        directory = Path(url.removeprefix("file://"))
-        if directory.exists() and any(p.suffix in (".jsonl", ".txt") for p in directory.rglob("*")):
-            return
-        files = seed_demo_stream(directory, self.cfg.demo.bytes_per_domain)
-        self.progress.event("demo", seeded=str(directory), files=[f.name for f in files])
-
     def _open(self) -> None:
         cfg = self.cfg
         try:
@@ -121,7 +106,6 @@ class Daemon:
         except OSError as e:
             raise ConfigError(f"cannot listen on metrics.host:metrics.port = {cfg.metrics.host}:{cfg.metrics.port} ({e}); "
                               "is another daemon running? Set metrics.port to a free port (0 picks one)") from e
-        self.ingest.quarantined |= load_quarantined(self.quarantine_log.path)
         self.train.start()  # the learner actor starts (imports, builds the model) while the rest goes on
         ref, set_aside = retry(self.store.recover, timeout_s=cfg.supervision.checkpoint_retry_s)
         self.runstate.report(set_aside)
@@ -212,11 +196,7 @@ class Daemon:
 
     def _observe(self, stats) -> None:
         self.counters["tokens_trained"] += stats.tokens
-        now = self.clock()
-        if self._last_t is not None:
-            rate = stats.tokens / max(now - self._last_t, 1e-6)
-            self._rate = rate if self._rate == 0 else 0.9 * self._rate + 0.1 * rate
-        self._last_t = now
+        self.rate.add(stats.tokens)
         self._restart_backoff.reset()
 
     def _recover(self, failure: StageFailed) -> None:
@@ -245,17 +225,13 @@ class Daemon:
         """Commit a checkpoint of the whole run at the current step; None when storage stayed down."""
         if not force and self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint
-        t0 = time.perf_counter()
         protect = self.promote.protect() | ({self.judge.pending.name} if self.judge.pending else set())
         daemon = {"counters": self.counters, "served": self.promote.served, "judge": self.judge.state_dict()}
-
-        def write() -> CheckpointRef:
-            return self.runstate.write(self.step, self.train, self.ingest, daemon, {"served_version": self.promote.served.get("version")},
-                                       protect, self.cfg.checkpoint.keep_last)
-
+        sv = self.cfg.supervision
         try:
-            ref = retry(write, timeout_s=retry_s or self.cfg.supervision.checkpoint_retry_s,
-                        backoff=Backoff(self.cfg.supervision.backoff_base_s, self.cfg.supervision.backoff_max_s))
+            ref = self.runstate.commit(self.step, self.train, self.ingest, daemon, {"served_version": self.promote.served.get("version")},
+                                       protect, self.cfg.checkpoint.keep_last, retry_s or sv.checkpoint_retry_s,
+                                       Backoff(sv.backoff_base_s, sv.backoff_max_s))
         except NonFiniteError as e:
             raise StageFailed("train", str(e)) from e
         except (EverlearnError, OSError) as e:
@@ -267,8 +243,6 @@ class Daemon:
             return None
         self.checkpoint_failing = None
         self.last_checkpoint = ref
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         return ref
 
     def _submit(self) -> None:
@@ -293,20 +267,3 @@ class Daemon:
         else:
             self.promote.audit.append(record)
         self.progress.event("gate", verdict=j.verdict, step=j.step, reason=j.result.reason)
-
-
-def buffer_digest(buffer) -> str:
-    """sha256 over a buffer's kept sequences, counters and random state: equal digests, equal buffers."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    state = buffer.state_dict()
-    for k in sorted(state["arrays"]):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(state["arrays"][k]).tobytes())
-    meta = {k: v for k, v in state["meta"].items() if k != "rng"}
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    h.update(json.dumps(state["meta"]["rng"], sort_keys=True).encode())
-    return h.hexdigest()

@@ -26,6 +26,33 @@ class JsonlLog:
             f.write(json.dumps(record, default=str) + "\n")
 
 
+class Quarantine:
+    """``quarantine.jsonl``, and the set of ids it names that ingest refuses (shared with the ingest stage)."""
+
+    def __init__(self, path: Path, refused: set[str]):
+        self.log, self.refused = JsonlLog(path), refused
+        self.refused |= load_quarantined(path)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        """A skipped step's documents: recorded with provenance, and refused if the stream delivers them again."""
+        self.log.append(record)
+        self.refused.update(str(d["id"]) for d in record["documents"])
+
+
+class Rate:
+    """Tokens per second, smoothed over the last steps (an exponential moving average)."""
+
+    def __init__(self, clock):
+        self.clock, self.value, self._last = clock, 0.0, None
+
+    def add(self, tokens: int) -> None:
+        now = self.clock()
+        if self._last is not None:
+            rate = tokens / max(now - self._last, 1e-6)
+            self.value = rate if self.value == 0 else 0.9 * self.value + 0.1 * rate
+        self._last = now
+
+
 def load_quarantined(path: Path) -> set[str]:
     """Document ids recorded in the quarantine file (its last 16 MiB)."""
     if not path.exists():
@@ -50,7 +77,7 @@ def compose_status(d) -> dict[str, Any]:
     return {
         "state": d.state,
         "step": d.step,
-        "tokens_per_s": round(d._rate, 1),
+        "tokens_per_s": round(d.rate.value, 1),
         "loss": last.loss if last else None,
         "lr": last.lr if last else None,
         "buffer": train.status(),

@@ -21,17 +21,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import fsspec
-import fsspec.asyn
-
 from everlearn import failpoints
 from everlearn.errors import CheckpointCorruptError, CheckpointError, StorageUnavailable
-from everlearn.retry import is_transient
+from everlearn.learners.storeio import StoreIO
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -88,15 +84,11 @@ class CheckpointStore:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, keep_set_aside: int = 8,
                  timeout_s: float = 60.0, mb_per_s: float = 8.0):
-        self.url = url.rstrip("/")
-        self.timeout_s, self.mb_per_s = timeout_s, mb_per_s
-        self.storage_options = dict(storage_options or {})
+        self.io = StoreIO(url, storage_options, timeout_s, mb_per_s)
+        self.url, self.storage_options, self.timeout_s = self.io.url, self.io.storage_options, timeout_s
+        self.fs, self.root, self.local = self.io.fs, self.io.root, self.io.local
         self.keep_set_aside = keep_set_aside
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        self.root = self.root.rstrip("/")
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.local = protocol in ("file", "local")
-        self._prefix = f"{protocol}://" if protocol != "file" else "file://"
+        self._prefix = f"{self.io.protocol}://" if self.io.protocol != "file" else "file://"
 
     # -- paths -------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -106,40 +98,21 @@ class CheckpointStore:
         path = self._path(name)
         return self._prefix + path if not path.startswith(self._prefix) else path
 
-    def _io(self, what: str, method: str, *args, **kwargs):
-        """One storage call, bounded in time; a transient failure becomes StorageUnavailable (the caller retries).
-
-        The bound is ``timeout_s`` plus a second per ``mb_per_s`` MiB sent: a blackholed
-        connection (accepted, never answered) would otherwise hold a write forever.
-        """
-        size = next((len(a) for a in args if isinstance(a, bytes | bytearray)), 0)
-        timeout = self.timeout_s + size / (self.mb_per_s * 2**20)
-        try:
-            if getattr(self.fs, "async_impl", False) and hasattr(self.fs, f"_{method}"):
-                return fsspec.asyn.sync(self.fs.loop, getattr(self.fs, f"_{method}"), *args, timeout=timeout, **kwargs)
-            return getattr(self.fs, method)(*args, **kwargs)
-        except (FileNotFoundError, FileExistsError):
-            raise
-        except Exception as e:
-            if is_transient(e):
-                raise StorageUnavailable(f"checkpoint store {self.url} did not answer ({what}): {type(e).__name__}: {e}") from e
-            raise
-
     def write_root(self, name: str, data: bytes) -> None:
         """Replace a file beside the checkpoints (e.g. SERVED.json) all at once: written aside, then renamed."""
-        self._replace(self._path(name), data)
+        self.io.replace(self._path(name), data)
 
     def read_root(self, name: str) -> bytes:
         """A file beside the checkpoints; FileNotFoundError when there is none."""
-        return self._io(f"read {name}", "cat_file", self._path(name))
+        return self.io.call(f"read {name}", "cat_file", self._path(name))
 
     # -- writing -----------------------------------------------------------
     def begin(self, step: int) -> SetAside:
         """Make way for the checkpoint of ``step``: a leftover uncommitted directory of it is moved aside."""
         name, out = step_name(step), SetAside()
         self.fs.invalidate_cache()
-        if self._io("exists", "exists", self._path(name)):
-            if self._io("exists", "exists", self._path(name, MANIFEST)):
+        if self.io.call("exists", "exists", self._path(name)):
+            if self.io.call("exists", "exists", self._path(name, MANIFEST)):
                 raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable")
             out.moved.append(self.set_aside(name, "an earlier write of this step never committed"))
         return out
@@ -148,8 +121,8 @@ class CheckpointStore:
         """Write one file of the checkpoint for ``step``; returns its digest for the manifest."""
         if "/" in name or name in (MANIFEST, LATEST):
             raise ValueError(f"bad checkpoint file name {name!r}")
-        self._io("makedirs", "makedirs", self._path(step_name(step)), exist_ok=True)
-        self._io(f"write {name}", "pipe_file", self._path(step_name(step), name), data)
+        self.io.call("makedirs", "makedirs", self._path(step_name(step)), exist_ok=True)
+        self.io.call(f"write {name}", "pipe_file", self._path(step_name(step), name), data)
         return digest(data)
 
     def commit(self, step: int, files: dict[str, FileEntry], meta: dict[str, Any] | None = None) -> CheckpointRef:
@@ -157,7 +130,7 @@ class CheckpointStore:
         name = step_name(step)
         for fname, entry in files.items():
             try:
-                got = digest(self._io(f"read {fname}", "cat_file", self._path(name, fname)))
+                got = digest(self.io.call(f"read {fname}", "cat_file", self._path(name, fname)))
             except FileNotFoundError as e:
                 raise CheckpointCorruptError(f"{self.uri(name)}/{fname} was written but is missing on storage") from e
             if got != entry:
@@ -169,48 +142,19 @@ class CheckpointStore:
                     "files": {k: asdict(v) for k, v in sorted(files.items())}, "meta": meta or {}}
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         try:
-            self._create(self._path(name, MANIFEST), data)
+            self.io.create(self._path(name, MANIFEST), data)
         except FileExistsError as e:
             raise CheckpointError(f"checkpoint {self.uri(name)} is already committed; checkpoints are immutable") from e
         failpoints.hit("checkpoint.manifest_written")
         ref = CheckpointRef(uri=self.uri(name), name=name, step=step, manifest_sha256=digest(data).sha256)
         self.verify(ref)
-        self._replace(self._path(LATEST), name.encode())
+        self.io.replace(self._path(LATEST), name.encode())
         return ref
-
-    def _create(self, path: str, data: bytes) -> None:
-        """Write ``path`` only if it does not exist, all at once (FileExistsError otherwise)."""
-        if not self.local:  # object stores: a conditional create (If-None-Match: *)
-            try:
-                self._io("create manifest", "pipe_file", path, data, mode="create")
-            except OSError as e:
-                if "PreconditionFailed" in str(e) or "412" in str(e):
-                    raise FileExistsError(path) from e
-                raise
-            return
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic and exclusive: a complete file or none
-        finally:
-            os.unlink(tmp)
-
-    def _replace(self, path: str, data: bytes) -> None:
-        """A reader sees the old bytes or the new, never a mix: an object store's PUT already is whole."""
-        if not self.local:
-            self._io("write", "pipe_file", path, data)
-            return
-        tmp = f"{path}.tmp"
-        self._io("write", "pipe_file", tmp, data)
-        self._io("rename", "mv", tmp, path)
 
     # -- reading -----------------------------------------------------------
     def _manifest_bytes(self, name: str) -> bytes:
         try:
-            return self._io("read manifest", "cat_file", self._path(name, MANIFEST))
+            return self.io.call("read manifest", "cat_file", self._path(name, MANIFEST))
         except FileNotFoundError as e:
             raise CheckpointError(f"no manifest at {self.uri(name)}: the checkpoint was never committed") from e
 
@@ -234,7 +178,7 @@ class CheckpointStore:
         if entry is None:
             raise CheckpointError(f"{ref.uri} has no file {name!r}")
         try:
-            data = self._io(f"read {name}", "cat_file", self._path(ref.name, name))
+            data = self.io.call(f"read {name}", "cat_file", self._path(ref.name, name))
         except FileNotFoundError as e:
             raise CheckpointCorruptError(f"{ref.uri}/{name} is listed in the manifest but missing") from e
         got = digest(data)
@@ -259,9 +203,9 @@ class CheckpointStore:
 
     def _step_dirs(self) -> list[str]:
         self.fs.invalidate_cache()  # another writer (the learner actor, a crashed daemon) changed the store
-        if not self._io("exists", "exists", self.root):
+        if not self.io.call("exists", "exists", self.root):
             return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", "ls", self.root, detail=False)]
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.io.call("list", "ls", self.root, detail=False)]
         return sorted(n for n in names if n.startswith("step-"))
 
     def latest(self) -> CheckpointRef | None:
@@ -297,39 +241,18 @@ class CheckpointStore:
                 out.moved.append(self.set_aside(name, str(e)))
         if found is not None:
             with contextlib.suppress(StorageUnavailable):
-                self._replace(self._path(LATEST), found.name.encode())
+                self.io.replace(self._path(LATEST), found.name.encode())
         return found, out
 
     def set_aside(self, name: str, reason: str) -> tuple[str, str, str]:
         """Move checkpoint directory ``name`` under set-aside/ with a note of why; returns (name, new uri, reason)."""
         dest = f"{SET_ASIDE}/{name}.{int(time.time() * 1000)}"
-        self._io("mkdir", "makedirs", self._path(SET_ASIDE), exist_ok=True)
-        self._move(self._path(name), self._path(dest))
+        self.io.call("mkdir", "makedirs", self._path(SET_ASIDE), exist_ok=True)
+        self.io.move(self._path(name), self._path(dest))
         note = json.dumps({"name": name, "reason": reason, "unix": time.time()}).encode()
         with contextlib.suppress(OSError, StorageUnavailable):
-            self._io("write note", "pipe_file", self._path(dest, "SET_ASIDE.json"), note)
+            self.io.call("write note", "pipe_file", self._path(dest, "SET_ASIDE.json"), note)
         return name, self.uri(dest), reason
-
-    def _move(self, src: str, dst: str) -> None:
-        """Move a directory: a rename on local disks; elsewhere each file copied, then deleted.
-
-        An object store has no directories to rename, and a recursive ``mv`` there copies the
-        keys of a listing, which after an interrupted write may name a key that is not there.
-        """
-        if self.local:
-            self._io("move aside", "mv", src, dst, recursive=True)
-            return
-        self.fs.invalidate_cache()
-        files = self._io("list", "find", src)
-        prefix = src.strip("/") + "/"
-        for path in files:
-            self._io("copy aside", "cp_file", path, f"{dst}/{path.strip('/')[len(prefix):]}")
-        for path in files:
-            self._io("delete", "rm_file", path)
-        self.fs.invalidate_cache()
-        with contextlib.suppress(FileNotFoundError):  # what is left of it: an empty directory, where there are such
-            if self._io("exists", "exists", src):
-                self._io("delete", "rm", src, recursive=True)
 
     def sweep(self, keep_last: int, protect: set[str] | frozenset[str] = frozenset()) -> SetAside:
         """Retention: delete committed checkpoints beyond the newest ``keep_last``; move uncommitted ones aside.
@@ -346,7 +269,7 @@ class CheckpointStore:
                 continue
             if name in committed:
                 self.fs.invalidate_cache()
-                self._io("delete", "rm", self._path(name), recursive=True)
+                self.io.call("delete", "rm", self._path(name), recursive=True)
                 out.removed.append(name)
             else:
                 out.moved.append(self.set_aside(name, "no manifest: a write that never committed"))
@@ -355,11 +278,11 @@ class CheckpointStore:
 
     def _trim_set_aside(self) -> list[str]:
         base = self._path(SET_ASIDE)
-        if not self._io("exists", "exists", base):
+        if not self.io.call("exists", "exists", base):
             return []
-        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self._io("list", "ls", base, detail=False)),
+        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self.io.call("list", "ls", base, detail=False)),
                          key=lambda n: int(n.rsplit(".", 1)[-1]) if n.rsplit(".", 1)[-1].isdigit() else 0)
         old = entries[: max(0, len(entries) - self.keep_set_aside)]
         for name in old:
-            self._io("delete", "rm", f"{base}/{name}", recursive=True)
+            self.io.call("delete", "rm", f"{base}/{name}", recursive=True)
         return [f"{SET_ASIDE}/{n}" for n in old]

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from everlearn.buffers import BufferConfig, build_buffer
-from everlearn.buffers.persist import from_files
+from everlearn.buffers.persist import buffer_digest, from_files
 from everlearn.daemon import demo
-from everlearn.daemon.service import buffer_digest
 from everlearn.learners import CheckpointStore, replay_fraction
 from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
 

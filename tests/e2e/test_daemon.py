@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from everlearn.buffers import UniformReservoir
-from everlearn.buffers.persist import from_files
+from everlearn.buffers.persist import buffer_digest, from_files
 from everlearn.daemon import demo
 from everlearn.daemon.holdout import held_out
 from everlearn.daemon.runstate import DAEMON_STATE, INGEST_META
-from everlearn.daemon.service import buffer_digest
 from everlearn.learners import CheckpointStore, build_tokenizer
 from everlearn.learners.model import ModelConfig
 from tests.e2e.helpers import EVERLEARN, DaemonProcess, get_json, post_json, tiny_config, wait_for

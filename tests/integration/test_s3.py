@@ -6,9 +6,10 @@ import boto3
 import pytest
 import s3fs
 
-from everlearn.daemon import listing
+from everlearn.daemon import store_s3
 from everlearn.daemon.records import Document, decode
 from everlearn.daemon.sources import DirectorySource
+from everlearn.daemon.store_fsspec import FsspecStore
 from everlearn.errors import CheckpointCorruptError, SourceUnavailable
 from everlearn.learners import CheckpointStore
 from tests.proxy import Proxy
@@ -157,8 +158,8 @@ def test_renamed_replaced_and_rewritten_objects(s3_bucket, monkeypatch):
     assert _texts(src.poll(2)) == ["a 0", "a 1"]
     fs.mv(f"{root}/stream/a.jsonl", f"{root}/stream/b.jsonl")  # copy + delete: the ETag comes along
     gets = []
-    inner = listing._get_range
-    monkeypatch.setattr(listing, "_get_range", lambda *a: gets.append(a[2]) or inner(*a))
+    inner = store_s3._get_range
+    monkeypatch.setattr(store_s3, "_get_range", lambda *a: gets.append(a[2]) or inner(*a))
     recs = src.poll(10)
     assert _texts(recs) == ["a 2", "a 3", "c 0"]
     # known by its ETag, not by reading it: the rest of b, b's head (its fingerprint grows with the offset), c
@@ -184,7 +185,7 @@ def test_the_generic_fsspec_lister_does_not_trust_a_cached_listing(s3_bucket):
     root = url.removeprefix("s3://")
     fs = _fs(opts)
     fs.pipe(f"{root}/stream/a.jsonl", _line(0))
-    store = listing.FsspecStore(fs, f"{root}/stream")
+    store = FsspecStore(fs, f"{root}/stream")
     assert set(store.list({}, set()).stats) == {"a.jsonl"}
     assert fs.dircache  # find() filled the cache
     _boto(opts).put_object(Bucket=root, Key="stream/b.jsonl", Body=_line(1))

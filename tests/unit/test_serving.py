@@ -9,7 +9,8 @@ import pytest
 import torch
 from starlette.requests import Request
 
-from everlearn.deploy.serving import ServeConfig, build_app, deploy_config
+from everlearn.deploy.deployment import deploy_config
+from everlearn.deploy.serving import ServeConfig, build_app
 from everlearn.errors import ServingError
 from everlearn.learners import CheckpointStore, Learner, ModelConfig, ScheduleConfig, TrainConfig
 from everlearn.learners.learner import weights_bytes
