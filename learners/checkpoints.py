@@ -280,8 +280,11 @@ class CheckpointStore:
         base = self._path(SET_ASIDE)
         if not self.io.call("exists", "exists", base):
             return []
-        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self.io.call("list", "ls", base, detail=False)),
-                         key=lambda n: int(n.rsplit(".", 1)[-1]) if n.rsplit(".", 1)[-1].isdigit() else 0)
+        def age(n: str) -> tuple[int, str]:  # when it was set aside (ms), then the step: several can share a millisecond
+            ms = n.rsplit(".", 1)[-1]
+            return (int(ms) if ms.isdigit() else 0), n
+
+        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self.io.call("list", "ls", base, detail=False)), key=age)
         old = entries[: max(0, len(entries) - self.keep_set_aside)]
         for name in old:
             self.io.call("delete", "rm", f"{base}/{name}", recursive=True)
