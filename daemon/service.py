@@ -121,8 +121,7 @@ class Daemon:
         self.metrics.buffer_capacity.set(self.train.buffer.capacity)
         self.metrics.buffer_capacity_tokens.set(self.train.buffer.capacity * self.train.buffer.seq_len)
         self.ingest.start()
-        self.promote.wait_serving()
-        self.judge.start()  # after the learner: the two do not load torch at the same time
+        self.promote.wait_serving()  # the evaluator actor starts with the first judgement (judge.py)
         self.state = "running"
         self.progress.event("ready", step=self.step, serving=self.promote.server.url if self.promote.server else None,
                             served_version=self.promote.served["version"], metrics=self.status_server.url + "/metrics", stream=cfg.source.url)

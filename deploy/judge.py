@@ -50,11 +50,9 @@ class JudgeStage:
         self._pending: tuple[Judgement, Any, float] | None = None
         self.last: dict[str, Any] | None = None
 
-    def start(self) -> None:
-        """Start the evaluator actor (call once the run is up: it loads torch beside a learner that is busy starting)."""
-        self._evaluator()
-
     def _evaluator(self):
+        """The evaluator actor, started by the first judgement that needs it: a run that never reaches a gate
+        never pays for one, and it never loads torch while the learner is starting."""
         if self.evaluator is None:
             self._spawn()
         return self.evaluator

@@ -68,24 +68,31 @@ def _inputs(tokens: np.ndarray, lengths: np.ndarray, device: torch.device) -> tu
     return ids, mask
 
 
-def token_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray, batch_size: int = 16) -> tuple[float, int]:
-    """(sum of next-token losses, number of predicted tokens) over the sequences, without gradients."""
+def sequence_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray,
+                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence: (sum of next-token losses, number of predicted tokens), without gradients."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = np.zeros(len(tokens), dtype=np.float64), np.zeros(len(tokens), dtype=np.int64)
     try:
         with torch.no_grad():
             for i in range(0, len(tokens), batch_size):
                 ids, mask = _inputs(tokens[i : i + batch_size], lengths[i : i + batch_size], device)
                 logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
                 targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-                total += float(loss)
-                count += int(mask[:, 1:].sum())
+                loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+                sums[i : i + len(ids)] = loss.sum(dim=1).double().cpu().numpy()
+                counts[i : i + len(ids)] = mask[:, 1:].sum(dim=1).cpu().numpy()
     finally:
         model.train(was_training)
-    return total, count
+    return sums, counts
+
+
+def token_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray, batch_size: int = 16) -> tuple[float, int]:
+    """(sum of next-token losses, number of predicted tokens) over the sequences, without gradients."""
+    sums, counts = sequence_losses(model, tokens, lengths, batch_size)
+    return float(sums.sum()), int(counts.sum())
 
 
 class Learner:

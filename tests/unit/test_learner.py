@@ -246,6 +246,35 @@ def test_evaluate_a_checkpoint_equals_the_live_model_at_save_time(store_url):
     assert learner.model.training
 
 
+def test_the_evaluator_scores_each_sequence_once_per_model_and_gives_the_same_losses(store_url):
+    learner = new_learner(store_url)
+    for i in range(3):
+        learner.train_step(batch(i))
+    ref = learner.store.commit(learner.step, learner.save(learner.step))
+    tokens = batch(60, n=6)
+    lengths = np.array([16, 3, 16, 9, 1, 12], dtype=np.int32)
+    tokens[1, 3:] = 7  # what lies past a sequence's length is not part of it
+    evaluator = Evaluator(model_cfg(), torch_threads=1, batch_size=4, cache=2)
+    first = evaluator.loss(ref, tokens, lengths)
+    assert first == pytest.approx(manual_mean_loss(learner.model, tokens, lengths), rel=1e-5)
+    assert (evaluator.scored, evaluator.reused) == (6, 0)
+    # a window that slid by two sequences: only the new ones run through the model
+    slid = np.concatenate([tokens[2:], batch(61, n=2)])
+    slid_lengths = np.concatenate([lengths[2:], np.array([16, 10], dtype=np.int32)])
+    slid[1, 9:] = 0  # the same sequence (tokens[3], length 9) with other padding
+    assert evaluator.loss(ref, slid, slid_lengths) == pytest.approx(manual_mean_loss(learner.model, slid, slid_lengths), rel=1e-5)
+    assert (evaluator.scored, evaluator.reused) == (8, 4)
+    assert evaluator.loss(ref, tokens, lengths) == first
+    # scores go with their model: evicted with it, recomputed after
+    for i in range(2):
+        learner.train_step(batch(i))
+        evaluator.loss(learner.store.commit(learner.step, learner.save(learner.step)), tokens, lengths)
+    assert ref.manifest_sha256 not in evaluator._scores and len(evaluator._scores) == 2
+    before = evaluator.scored
+    assert evaluator.loss(ref, tokens, lengths) == pytest.approx(first, rel=1e-6)
+    assert evaluator.scored == before + 6
+
+
 def _optimizer_state(learner):
     return {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()} for k, st in learner.optimizer.state.items()}
 
