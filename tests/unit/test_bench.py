@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -18,6 +16,7 @@ def load(name: str):
     return module
 
 
+@pytest.mark.unit
 def test_reservoir_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
     load("reservoir").main(["--quick", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "reservoir.json").read_text())
@@ -28,4 +27,26 @@ def test_reservoir_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys)
     md = (tmp_path / "reservoir.md").read_text()
     assert res["command"] in md and "| stratified |" in md
     assert (tmp_path / "reservoir.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written" in capsys.readouterr().out
+
+
+@pytest.mark.integration  # starts a local Ray and the real daemon (tiny model, a few dozen steps)
+@pytest.mark.timeout(240)
+def test_daemon_throughput_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    load("daemon_throughput").main(["--quick", "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    res = json.loads((tmp_path / "daemon_throughput.json").read_text())
+    variants = ["bare", "bare_learner", "daemon", "daemon_no_gates", "daemon_no_gates_no_ckpt"]
+    assert list(res["runs"]) == variants
+    for v in variants:
+        assert len(res["runs"][v]) == 1 and res["runs"][v][0]["tokens_per_s"] > 0
+        assert res["summary"][v]["tokens_per_s_median"] > 0 and res["summary"][v]["ratio_to_bare"] > 0
+    for v in variants[2:]:  # the window's tokens are the ones the run's own registry counted
+        run = res["runs"][v][0]
+        assert run["tokens_registry_check"] and run["steps"] == res["setup"]["measure"]
+        assert run["registry"]["train_step_seconds_sum"] > 0 and "train_wait_seconds" in run["registry"]
+    assert res["runs"]["daemon"][0]["registry"]["judge_seconds_count"] >= 1  # gates ran in the window
+    assert res["runs"]["daemon_no_gates_no_ckpt"][0]["registry"]["checkpoints"] == 0
+    md = (tmp_path / "daemon_throughput.md").read_text()
+    assert res["command"] in md and "| `daemon_no_gates` |" in md and "ratio to bare" in md
+    assert (tmp_path / "daemon_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot written" in capsys.readouterr().out

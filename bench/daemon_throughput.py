@@ -1,0 +1,736 @@
+"""Benchmark of the daemon's training throughput against a bare PyTorch loop on the same model.
+
+It measures and reports; it never asserts a timing (the target is shown next
+to the numbers, marked met or missed).
+
+DESIGN target: daemon training tokens/s >= 0.95 x a bare PyTorch loop on the
+same model, batch and threads (measured before the stages restructure: 0.83).
+
+What is measured
+----------------
+Every variant trains the same model (``build_model(cfg.model, build_tokenizer(cfg.model))``:
+the embedded default, examples/local.yaml, a 4 x 256 Llama, 5.3M parameters),
+the same batch (``train.batch_size`` x ``train.seq_len`` = 8 x 256) with AdamW
+of the same hyper-parameters, ``torch.set_num_threads(train.torch_threads)``
+(2). Tokens are counted as ``StepStats.tokens`` counts them: tokens that carry
+a loss, ``batch x (seq_len - 1)`` for full windows.
+
+``bare``
+    A plain loop in this process, without the ``Learner`` class: random token
+    batches (byte ids, full windows: every window the daemon trains is full),
+    the learner's mask and labels (``positions < lengths``; labels = ids, -100
+    where masked), ``model(input_ids, attention_mask, labels).loss``,
+    ``backward``, ``clip_grad_norm_(train.grad_clip)``, ``step``,
+    ``zero_grad(set_to_none=True)``, the learning rate set from the infinite
+    schedule each step. This is the reference of the ratio.
+``bare_learner``
+    ``Learner.train_step`` called in this process on the same batches: the
+    ``Learner`` class's own overhead (finite checks, schedule, stats) over ``bare``.
+``daemon``, ``daemon_no_gates``, ``daemon_no_gates_no_ckpt``
+    The real ``everlearn.daemon.service.Daemon`` in this process (``Daemon(cfg,
+    out=StringIO)``, ``run(max_steps=W + M)`` on the main thread; the signal
+    handlers it installs are restored afterwards), on a local directory stream
+    seeded before the start with ``everlearn.daemon.demo`` text (man pages,
+    then Python sources, as .jsonl). ``serve.enabled: false``: serving is not
+    on the training path (a promotion is a file write and a swap in the
+    replicas' own processes; with serving on, its replica would also compete
+    for the two cores). ``daemon``: ``gate.every_steps`` 50 and
+    ``checkpoint.every_steps`` 100 as in the default config (a gate writes the
+    candidate's checkpoint, so that is a checkpoint every 50 steps and a
+    judgement in the evaluator actor every 50 steps). ``daemon_no_gates``:
+    gates at 10**9, checkpoints every 100 steps. ``daemon_no_gates_no_ckpt``:
+    both at 10**9 (the step-0 and the final checkpoint are outside the window).
+    Everything else is the default config: replay 2 of 8 rows from the uniform
+    reservoir, lineage on, ingest thread with a queue of 64 windows, local Ray
+    with ``ray.num_cpus = 2`` started by the daemon itself (``--shared-ray``:
+    one Ray for all runs, the default of ``--quick``).
+
+Steady state: each optimizer step's end is timed inside the daemon's loop (a
+subclass whose ``_observe`` appends ``(perf_counter, step, tokens, learner
+seconds)`` after the original's work; nothing else is changed). The rate is
+the tokens of steps W+1 .. W+M over the time from the end of step W to the end
+of step W+M, so Ray's start, the actors' start, the step-0 checkpoint, the
+first steps and the evaluator actor's start (it loads torch while the
+first steps run) are excluded. W = 75 and M = 100: the window holds one full period of gates (100,
+150) and checkpoints (100, 150). At steps W and W+M the benchmark reads the
+run's Prometheus registry (``everlearn_train_wait_seconds_total``: time the
+loop waited on ingest; ``everlearn_train_step_seconds_sum``: the learner's own
+time inside ``train_step``; ``everlearn_checkpoint_write_seconds_sum``) and
+the CPU time of every process it started (``/proc``: the driver's threads,
+the learner and evaluator actors, Ray's own processes, the reaper) and of the
+whole machine, so the breakdown is visible: learner compute, waiting on
+ingest, checkpoint writes, the rest (driver and Ray round trips, gates
+waiting), and what else used the two cores meanwhile.
+
+``bare`` runs ``--bare-warmup`` steps untimed, then ``--bare-steps`` timed.
+Each measurement is repeated ``--repeats`` times, interleaved (one round runs
+every variant, the order rotated by one each round) so that the variants
+share the machine's noise; reported: median [min - max]; ratio = median over
+rounds of (variant / bare of the same round).
+
+Command (from the repository root)::
+
+    .venv/bin/python bench/daemon_throughput.py --out docs/bench
+
+writes docs/bench/daemon_throughput.md (tables, the command, the machine),
+docs/bench/daemon_throughput.json (every raw number, the per-step times) and,
+when matplotlib is importable, docs/bench/daemon_throughput.png. ``--quick``
+is a smoke run of a tiny model (hidden 64, 2 layers, seq_len 64, batch 8,
+1 thread, gates every 10 and checkpoints every 20 steps, W = 25, M = 20, one
+round, one shared Ray); its numbers are not the reference ones.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import NO_PLOT, command_line, machine_info, pyplot, report  # noqa: E402  (bench/ is not a package)
+
+TARGET = 0.95  # daemon tokens/s over bare
+BEFORE_RESTRUCTURE = 0.83
+OFF = 10**9  # an interval never reached
+BARE = ("bare", "bare_learner")
+DAEMONS: dict[str, dict[str, int | None]] = {  # gate.every_steps, checkpoint.every_steps; None: the setup's
+    "daemon": {"gate": None, "ckpt": None},
+    "daemon_no_gates": {"gate": OFF, "ckpt": None},
+    "daemon_no_gates_no_ckpt": {"gate": OFF, "ckpt": OFF},
+}
+VARIANTS = (*BARE, *DAEMONS)
+DESCRIPTION = {
+    "bare": "plain forward/backward/clip/AdamW loop (reference)",
+    "bare_learner": "`Learner.train_step` in-process",
+    "daemon": "Daemon, gates every {gate} + checkpoints every {ckpt} steps",
+    "daemon_no_gates": "Daemon, no gates, checkpoints every {ckpt} steps",
+    "daemon_no_gates_no_ckpt": "Daemon, no gates, no checkpoints",
+}
+
+
+@dataclass
+class Setup:
+    overrides: list[str]  # --set style, on top of the embedded default
+    gate_every: int
+    ckpt_every: int
+    warmup: int  # daemon steps before the window (W)
+    measure: int  # daemon steps in the window (M)
+    bare_warmup: int
+    bare_steps: int
+    shared_ray: bool
+    quiet_below: float = 0.0  # wait before each run until other processes use fewer cores than this (0: do not wait)
+    max_outside: float = float("inf")  # a run during which other processes used more cores on average is redone
+    retries: int = 0  # redos per measurement (then the last one is kept, marked)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Setup([], 50, 100, 75, 100, 5, 60, False, quiet_below=0.15, max_outside=0.25, retries=2)
+QUICK = Setup(["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
+               "model.max_position_embeddings=128", "train.seq_len=64", "train.batch_size=8", "train.torch_threads=1",
+               "source.poll_interval_s=0.2"], 10, 20, 25, 20, 3, 30, True)
+
+
+# -- machine -----------------------------------------------------------------
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(path: str) -> tuple[int, str, float] | None:
+    """(parent pid, comm, cpu seconds) from a /proc stat file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    head, rest = raw.rsplit(b")", 1)
+    fields = rest.split()
+    return int(fields[1]), head.split(b"(", 1)[1].decode(errors="replace"), (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _role(pid: int, comm: str) -> str:
+    cmd = _cmdline(pid)
+    if "ray::Learner" in cmd or comm.startswith("ray::Learner"):
+        return "learner actor"
+    if "ray::Evaluator" in cmd or comm.startswith("ray::Evaluator"):
+        return "evaluator actor"
+    if "reaper.py" in cmd:
+        return "reaper"
+    return "Ray system (gcs, raylet, agents, idle workers)"
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores; /proc/stat, idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    return (sum(parts[:8]) - parts[3] - parts[4]) / TICK
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds so far by role: this process's threads, and every process it started (by /proc parentage)."""
+    me = os.getpid()
+    out: dict[str, float] = {}
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    main_tid = threading.main_thread().native_id
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{me}/task"):
+            st = _stat(f"/proc/{me}/task/{tid}/stat")
+            if st is None:
+                continue
+            name = names.get(int(tid))
+            if int(tid) == main_tid:
+                role = "driver: main loop thread"
+            elif name == "everlearn-ingest":
+                role = "driver: ingest thread"
+            elif name is not None:
+                role = "driver: other Python threads"
+            else:
+                role = "driver: native threads (Ray core worker, torch)"
+            out[role] = out.get(role, 0.0) + st[2]
+    children: dict[int, list[int]] = {}
+    info: dict[int, tuple[str, float]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(f"/proc/{name}/stat")
+            if st is not None:
+                children.setdefault(st[0], []).append(int(name))
+                info[int(name)] = (st[1], st[2])
+    todo, seen = [me], set()
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+                role = _role(child, info[child][0])
+                out[role] = out.get(role, 0.0) + info[child][1]
+    out["machine (all processes)"] = machine_busy()
+    return out
+
+
+def cpu_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """CPU seconds used between two snapshots; a process that started in between counts from 0, one that ended is lost."""
+    d = {k: max(0.0, b.get(k, 0.0) - a.get(k, 0.0)) for k in sorted(a.keys() | b.keys())}
+    ours = sum(v for k, v in d.items() if k != "machine (all processes)")
+    d["outside this benchmark"] = max(0.0, d.get("machine (all processes)", 0.0) - ours)
+    return d
+
+
+def outside_cores(interval_s: float) -> float:
+    """Cores kept busy by processes other than this benchmark's over ``interval_s`` (other users, the kernel)."""
+    a, t0 = cpu_snapshot(), time.perf_counter()
+    time.sleep(interval_s)
+    d = cpu_delta(a, cpu_snapshot())
+    return d["outside this benchmark"] / (time.perf_counter() - t0)
+
+
+def wait_quiet(below: float, timeout_s: float) -> tuple[float, float]:
+    """Wait until other processes use less than ``below`` cores (3 s samples), at most ``timeout_s``; (waited s, last sample)."""
+    t0 = time.perf_counter()
+    busy = outside_cores(3.0)
+    while busy >= below and time.perf_counter() - t0 < timeout_s:
+        busy = outside_cores(3.0)
+    return time.perf_counter() - t0, busy
+
+
+# -- config ------------------------------------------------------------------
+def make_config(setup: Setup, root: Path, stream: Path, gate: int, ckpt: int):
+    from everlearn.daemon.config import load_config
+
+    return load_config(None, env={}, overrides=[
+        f"run_dir={root}", f"source.url={stream}", "serve.enabled=false", "metrics.port=0",
+        "demo.seed_if_empty=false", f"gate.every_steps={gate}", f"checkpoint.every_steps={ckpt}", *setup.overrides,
+    ])
+
+
+def seed_stream(cfg, setup: Setup, stream: Path) -> dict[str, Any]:
+    """Demo text (man pages, then Python sources) as .jsonl, enough for every step of a run."""
+    from everlearn.daemon.demo import seed_demo_stream
+
+    steps = setup.warmup + setup.measure + 10
+    needed = steps * cfg.train.batch_size * cfg.train.seq_len / (1 - cfg.holdout.fraction)
+    per_domain = max(10_000, int(needed * 0.6))  # the first domain covers 60 % of the run, both 120 %
+    files = seed_demo_stream(stream, per_domain)
+    return {"files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files), "bytes_per_domain": per_domain}
+
+
+# -- bare --------------------------------------------------------------------
+def random_batches(cfg, n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 259, size=(cfg.train.batch_size, cfg.train.seq_len), dtype=np.int32) for _ in range(n)]
+
+
+def run_bare(cfg, setup: Setup, seed: int) -> dict[str, Any]:
+    """The plain loop: forward with the learner's mask and labels, backward, clip, AdamW step."""
+    import torch
+
+    from everlearn.learners import InfiniteSchedule, build_model, build_tokenizer
+
+    tc = cfg.train
+    torch.set_num_threads(tc.torch_threads)
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model, build_tokenizer(cfg.model))
+    model.train()
+    schedule = InfiniteSchedule(cfg.schedule)
+    opt = torch.optim.AdamW(model.parameters(), lr=schedule(0), betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    batches = random_batches(cfg, 8, seed)
+    lengths = torch.full((tc.batch_size,), tc.seq_len, dtype=torch.int64)
+
+    def step(i: int) -> int:
+        for group in opt.param_groups:
+            group["lr"] = schedule(i)
+        ids = torch.from_numpy(batches[i % len(batches)].astype(np.int64))
+        mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        labels = ids.masked_fill(~mask, -100)
+        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        float(loss.detach())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(mask[:, 1:].sum())
+
+    return _time_steps(step, setup)
+
+
+def run_bare_learner(cfg, setup: Setup, seed: int, tmp: Path) -> dict[str, Any]:
+    """``Learner.train_step`` in this process, on the same batches."""
+    from everlearn.learners import Learner
+
+    learner = Learner(cfg.model, cfg.train, cfg.schedule, str(tmp / "learner-store"))
+    batches = random_batches(cfg, 8, seed)
+    lengths = np.full(cfg.train.batch_size, cfg.train.seq_len, dtype=np.int32)
+    inner: list[float] = []
+
+    def step(i: int) -> int:
+        stats = learner.train_step(batches[i % len(batches)], lengths)
+        if stats.skipped:
+            raise RuntimeError(f"bare_learner: step skipped: {stats.skipped}")
+        inner.append(stats.seconds)
+        return stats.tokens
+
+    res = _time_steps(step, setup)
+    res["learner_seconds"] = float(sum(inner[setup.bare_warmup :]))
+    return res
+
+
+def _time_steps(step: Callable[[int], int], setup: Setup) -> dict[str, Any]:
+    for i in range(setup.bare_warmup):
+        step(i)
+    cpu0, t_prev = cpu_snapshot(), time.perf_counter()
+    t0, tokens, times = t_prev, 0, []
+    for i in range(setup.bare_warmup, setup.bare_warmup + setup.bare_steps):
+        tokens += step(i)
+        now = time.perf_counter()
+        times.append(now - t_prev)
+        t_prev = now
+    seconds = t_prev - t0
+    cpu = cpu_delta(cpu0, cpu_snapshot())
+    return {"steps": setup.bare_steps, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "step_seconds": [round(t, 6) for t in times], "cpu_seconds": cpu}
+
+
+# -- daemon ------------------------------------------------------------------
+def _probed_daemon_class():
+    from everlearn.daemon.service import Daemon
+
+    class ProbedDaemon(Daemon):
+        """The real daemon; ``_observe`` (called once per taken step, in the loop) also records the step's end."""
+
+        def __init__(self, cfg, out, window: tuple[int, int]):
+            super().__init__(cfg, out=out)
+            self.window = window
+            self.trace: list[tuple[float, int, int, float]] = []
+            self.marks: dict[int, dict[str, Any]] = {}
+
+        def _observe(self, stats) -> None:
+            super()._observe(stats)
+            self.trace.append((time.perf_counter(), stats.step, stats.tokens, stats.seconds))
+            if stats.step in self.window:
+                self.marks[stats.step] = {"t": self.trace[-1][0], "registry": registry_values(self.metrics.registry),
+                                          "cpu": cpu_snapshot()}
+
+    return ProbedDaemon
+
+
+REGISTRY_KEYS = {
+    "tokens_trained": "everlearn_tokens_trained_total",
+    "train_wait_seconds": "everlearn_train_wait_seconds_total",
+    "train_step_seconds_sum": "everlearn_train_step_seconds_sum",
+    "train_step_seconds_count": "everlearn_train_step_seconds_count",
+    "checkpoint_write_seconds_sum": "everlearn_checkpoint_write_seconds_sum",
+    "checkpoints": "everlearn_checkpoints_total",
+    "judge_seconds_sum": "everlearn_judge_seconds_sum",
+    "judge_seconds_count": "everlearn_judge_seconds_count",
+}
+
+
+def registry_values(registry) -> dict[str, float]:
+    return {k: float(registry.get_sample_value(name) or 0.0) for k, name in REGISTRY_KEYS.items()}
+
+
+def run_daemon(variant: str, setup: Setup, tmp: Path, stream: Path, run_no: int) -> dict[str, Any]:
+    gate = DAEMONS[variant]["gate"] or setup.gate_every
+    ckpt = DAEMONS[variant]["ckpt"] or setup.ckpt_every
+    root = tmp / f"run-{run_no:02d}-{variant}"
+    cfg = make_config(setup, root, stream, gate, ckpt)
+    w0, w1 = setup.warmup, setup.warmup + setup.measure
+    out = io.StringIO()
+    daemon = _probed_daemon_class()(cfg, out, (w0, w1))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    t_start = time.perf_counter()
+    try:
+        daemon.run(max_steps=w1)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    t_end = time.perf_counter()
+    if daemon.stop_event.is_set():
+        raise KeyboardInterrupt(f"{variant}: the daemon was asked to stop")
+    if w0 not in daemon.marks or w1 not in daemon.marks:
+        raise RuntimeError(f"{variant}: the run ended at step {daemon.step} before the window ({w0}, {w1}]:\n{out.getvalue()[-3000:]}")
+    a, b = daemon.marks[w0], daemon.marks[w1]
+    seconds = b["t"] - a["t"]
+    reg = {k: b["registry"][k] - a["registry"][k] for k in REGISTRY_KEYS}
+    steps = [s for s in daemon.trace if w0 < s[1] <= w1]
+    tokens = sum(s[2] for s in steps)
+    learner = sum(s[3] for s in steps)
+    t_first = daemon.trace[0][0] - t_start if daemon.trace else None
+    events = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    gates = [{"step": e["step"], "verdict": e["verdict"]} for e in events if e.get("event") == "gate"]
+    intervals = np.diff([a["t"]] + [s[0] for s in steps])
+    return {
+        "gate_every": gate, "ckpt_every": ckpt, "window": [w0, w1], "steps": len(steps), "tokens": tokens,
+        "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "learner_seconds": learner,  # sum of StepStats.seconds: the learner's own train_step time
+        "registry": reg,
+        "tokens_registry_check": reg["tokens_trained"] == tokens,
+        "cpu_seconds": cpu_delta(a["cpu"], b["cpu"]),
+        "step_seconds": [round(float(x), 6) for x in intervals],
+        "learner_step_seconds": [round(s[3], 6) for s in steps],
+        "startup_seconds": t_first,  # run() until the first step's end: Ray, actors, step-0 checkpoint
+        "total_seconds": t_end - t_start,
+        "gates": gates,
+        "final_step": daemon.step,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# -- summary -----------------------------------------------------------------
+def summarize(runs: dict[str, list[dict[str, Any]]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bare = runs["bare"]
+    for v, rs in runs.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        ratios = [rs[i]["tokens_per_s"] / bare[i]["tokens_per_s"] for i in range(min(len(rs), len(bare)))]
+        seconds = sum(r["seconds"] for r in rs)
+        row = {
+            "tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
+            "ratio_to_bare": statistics.median(ratios) if ratios else None,
+            "ratio_to_bare_min": min(ratios) if ratios else None, "ratio_to_bare_max": max(ratios) if ratios else None,
+            "ratio_of_medians": statistics.median(tps) / statistics.median([r["tokens_per_s"] for r in bare]),
+            "repeats": len(rs),
+        }
+        steps = sum(r["steps"] for r in rs)
+        row["step_ms"] = 1e3 * seconds / steps
+        # robust to bursts of other load (and blind to the periodic gates and checkpoints): the median step
+        row["median_step_ms"] = 1e3 * statistics.median(x for r in rs for x in r["step_seconds"])
+        if v == "bare":
+            row.update(learner_share=1.0, wait_share=0.0, learner_step_ms=row["step_ms"])
+        elif v == "bare_learner":
+            learner = sum(r["learner_seconds"] for r in rs)
+            row.update(learner_share=learner / seconds, wait_share=0.0, learner_step_ms=1e3 * learner / steps)
+        else:
+            learner = sum(r["learner_seconds"] for r in rs)
+            wait = sum(r["registry"]["train_wait_seconds"] for r in rs)
+            ckpt = sum(r["registry"]["checkpoint_write_seconds_sum"] for r in rs)
+            row.update(learner_share=learner / seconds, wait_share=wait / seconds, checkpoint_share=ckpt / seconds,
+                       other_share=max(0.0, 1 - (learner + wait + ckpt) / seconds),
+                       learner_step_ms=1e3 * learner / steps, wait_ms=1e3 * wait / steps, checkpoint_ms=1e3 * ckpt / steps,
+                       other_ms=1e3 * (seconds - learner - wait - ckpt) / steps,
+                       checkpoints_per_window=statistics.median(r["registry"]["checkpoints"] for r in rs),
+                       judgements_per_window=statistics.median(r["registry"]["judge_seconds_count"] for r in rs),
+                       startup_s_median=statistics.median(r["startup_seconds"] for r in rs))
+        cpu: dict[str, float] = {}
+        for r in rs:
+            for k, val in r["cpu_seconds"].items():
+                cpu[k] = cpu.get(k, 0.0) + val
+        row["cpu_ms_per_step"] = {k: 1e3 * val / steps for k, val in cpu.items()}
+        row["outside_cores"] = [round(r.get("outside_cores", 0.0), 3) for r in rs]
+        row["cpu_cores_busy"] = {k: val / seconds for k, val in cpu.items()}
+        out[v] = row
+    out["_rounds"] = rounds
+    return out
+
+
+def fmt_range(s: dict[str, Any]) -> str:
+    return f"{s['tokens_per_s_median']:,.0f} [{s['tokens_per_s_min']:,.0f} – {s['tokens_per_s_max']:,.0f}]"
+
+
+def describe(v: str, res: dict[str, Any]) -> str:
+    return DESCRIPTION[v].format(gate=res["setup"]["gate_every"], ckpt=res["setup"]["ckpt_every"])
+
+
+def render(res: dict[str, Any]) -> str:
+    s, setup = res["summary"], res["setup"]
+    variants = [v for v in VARIANTS if v in s]
+    reps = s["bare"]["repeats"]
+    out = [f"Model {res['model_desc']}; batch {setup['batch_size']} x seq_len {setup['seq_len']}, "
+           f"torch threads {setup['torch_threads']}; daemon window: steps {setup['warmup'] + 1}–{setup['warmup'] + setup['measure']} "
+           f"(after W = {setup['warmup']} steps), bare: {setup['bare_steps']} steps after {setup['bare_warmup']}; "
+           f"{reps} interleaved round{'s' if reps > 1 else ''}; target: daemon >= {TARGET:g} x bare "
+           f"(before the restructure: {BEFORE_RESTRUCTURE:g}).",
+           "",
+           "| variant | what | tokens/s median [min – max] | ratio to bare [min – max] | learner compute share | wait share | target |",
+           "|:---|:---|---:|---:|---:|---:|:---|"]
+    for v in variants:
+        r = s[v]
+        ratio = "1 (reference)" if v == "bare" else f"{r['ratio_to_bare']:.3f} [{r['ratio_to_bare_min']:.3f} – {r['ratio_to_bare_max']:.3f}]"
+        tgt = "met" if r["ratio_to_bare"] >= TARGET else "MISSED"
+        tgt = tgt if v.startswith("daemon") else ""
+        wait = "-" if v in BARE else f"{100 * r['wait_share']:.1f} %"
+        out.append(f"| `{v}` | {describe(v, res)} | {fmt_range(r)} | {ratio} | {100 * r['learner_share']:.1f} % | {wait} | {tgt} |")
+    q = setup.get("quiet_below", 0)
+    if q:
+        disturbed = [f"`{v}` round {r['round'] + 1}" for v in variants for r in res["runs"][v] if r.get("disturbed")]
+        out += ["",
+                f"Other users share this machine: before each run the benchmark waited until other processes used "
+                f"< {q:g} cores (3 s samples); a run during which they used > {setup['max_outside']:g} cores on average "
+                f"was measured again (at most {setup['retries']} times). Runs measured again: {len(res['discarded'])}"
+                + (f"; still disturbed after the retries, kept: {', '.join(disturbed)}" if disturbed else "")
+                + ". Cores used by other processes during each kept run: "
+                + "; ".join(f"`{v}` " + "/".join(f"{x:.2f}" for x in s[v]["outside_cores"]) for v in variants) + "."]
+    dv = [v for v in variants if v not in BARE]
+    if dv:
+        bare_ms = s["bare"]["step_ms"]
+        out += ["",
+                "Where a step's time goes (ms per step, summed over the rounds' windows; "
+                "learner = `everlearn_train_step_seconds`, the learner's own `train_step`; "
+                "wait = `everlearn_train_wait_seconds_total`; checkpoint = `everlearn_checkpoint_write_seconds`; "
+                "other = the rest: the driver's work, the `ray.get` round trip, waiting for a judgement in flight):",
+                "",
+                "| variant | step (mean) | median step | learner | (learner - bare step) | wait on ingest | checkpoint writes | other | checkpoints / judgements in window |",
+                "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out.append(f"| `bare` | {bare_ms:.1f} | {s['bare']['median_step_ms']:.1f} | {bare_ms:.1f} | 0 | - | - | - | - |")
+        if "bare_learner" in s:
+            r = s["bare_learner"]
+            out.append(f"| `bare_learner` | {r['step_ms']:.1f} | {r['median_step_ms']:.1f} | {r['learner_step_ms']:.1f} | {r['learner_step_ms'] - bare_ms:+.1f} | - | - | "
+                       f"{r['step_ms'] - r['learner_step_ms']:.1f} | - |")
+        for v in dv:
+            r = s[v]
+            out.append(f"| `{v}` | {r['step_ms']:.1f} | {r['median_step_ms']:.1f} | {r['learner_step_ms']:.1f} | {r['learner_step_ms'] - bare_ms:+.1f} | "
+                       f"{r['wait_ms']:.2f} | {r['checkpoint_ms']:.1f} | {r['other_ms']:.1f} | "
+                       f"{r['checkpoints_per_window']:g} / {r['judgements_per_window']:g} |")
+        roles = sorted({k for v in variants for k in s[v]["cpu_ms_per_step"]} - {"machine (all processes)"},
+                       key=lambda k: (k == "outside this benchmark", k))
+        out += ["",
+                "CPU time in the window, ms per step, by process (/proc; 2 cores = 2 x the step time available). "
+                "`outside this benchmark`: the machine's busy time minus this benchmark's processes (other users).",
+                "",
+                "| process | " + " | ".join(f"`{v}`" for v in variants) + " |",
+                "|:---|" + "---:|" * len(variants)]
+        for k in roles:
+            out.append(f"| {k} | " + " | ".join(f"{s[v]['cpu_ms_per_step'].get(k, 0.0):.1f}" for v in variants) + " |")
+        out.append("| **step wall time x 2 cores** | " + " | ".join(f"{2 * s[v]['step_ms']:.1f}" for v in variants) + " |")
+        out += ["",
+                "Start-up excluded from the window (run() until the first step's end: Ray, the learner actor, "
+                "the step-0 checkpoint), median: " + ", ".join(f"`{v}` {s[v]['startup_s_median']:.1f} s" for v in dv) + "."]
+    return "\n".join(out)
+
+
+def plot(res: dict[str, Any], path: Path) -> str:
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
+    s = res["summary"]
+    variants = [v for v in VARIANTS if v in s]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    med = [s[v]["tokens_per_s_median"] for v in variants]
+    err = [[m - s[v]["tokens_per_s_min"] for v, m in zip(variants, med, strict=True)],
+           [s[v]["tokens_per_s_max"] - m for v, m in zip(variants, med, strict=True)]]
+    colors = ["#555555", "#888888"] + ["C0", "C1", "C2"][: len(variants) - 2]
+    ax1.bar(range(len(variants)), med, yerr=err, capsize=4, color=colors[: len(variants)])
+    bare = s["bare"]["tokens_per_s_median"]
+    ax1.axhline(TARGET * bare, color="red", linestyle="--", label=f"target: {TARGET:g} x bare")
+    for i, v in enumerate(variants):  # the table's ratio: median over rounds of variant / bare of the same round
+        ratio = s[v]["ratio_to_bare"] if v != "bare" else 1.0
+        ax1.text(i, s[v]["tokens_per_s_max"] * 1.01, f"{ratio:.3f}x", ha="center", va="bottom", fontsize=9)
+    ax1.set_xticks(range(len(variants)), [v.replace("daemon_", "daemon\n").replace("bare_", "bare\n") for v in variants], fontsize=8)
+    ax1.set_ylabel("training tokens/s (median, min–max); label: ratio to bare")
+    ax1.set_title(f"Throughput, {res['model_desc_short']}")
+    ax1.legend(loc="lower right")
+    ax1.set_ylim(0, max(s[v]["tokens_per_s_max"] for v in variants) * 1.15)
+    w0 = res["setup"]["warmup"]
+    for v, color in zip([v for v in variants if v not in BARE], ["C0", "C1", "C2"], strict=False):
+        run = res["runs"][v][0]
+        steps = np.arange(w0 + 1, w0 + 1 + len(run["step_seconds"]))
+        tok = run["tokens"] / max(run["steps"], 1)
+        ax2.plot(steps, tok / np.asarray(run["step_seconds"]), lw=0.9, color=color, label=v)
+    bare_steps = np.asarray(res["runs"]["bare"][0]["step_seconds"])
+    ax2.axhline(res["runs"]["bare"][0]["tokens"] / len(bare_steps) / np.median(bare_steps), color="#555555", lw=1,
+                label="bare (median step)")
+    ax2.set_xlabel("optimizer step (the window, round 1)")
+    ax2.set_ylabel("tokens/s of each step")
+    ax2.set_title("Per step: gates and checkpoints show as dips")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8, loc="lower left")
+    ax2.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+# -- main --------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--out", type=Path, default=None, help="folder for daemon_throughput.md / .json / .png (default: print only)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps, one round, one shared Ray")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3; --quick: 1)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)")
+    ap.add_argument("--shared-ray", action=argparse.BooleanOptionalAction, default=None,
+                    help="one local Ray for every daemon run instead of each daemon starting its own (default: on with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="daemon steps before the window (W)")
+    ap.add_argument("--measure", type=int, default=None, help="daemon steps in the window (M)")
+    ap.add_argument("--bare-steps", type=int, default=None)
+    ap.add_argument("--quiet-below", type=float, default=None,
+                    help="before each run, wait (up to --quiet-timeout s) until other processes use fewer cores than this "
+                         "(default 0.15; --quick: 0, do not wait)")
+    ap.add_argument("--quiet-timeout", type=float, default=900.0)
+    ap.add_argument("--max-outside", type=float, default=None,
+                    help="redo a run during which other processes used more cores than this on average "
+                         "(default 0.25; --quick: never), at most --retries times")
+    ap.add_argument("--retries", type=int, default=None)
+    ap.add_argument("--work-dir", type=Path, default=None, help="where the stream and run directories go (default: a temporary folder, removed)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from everlearn.learners import build_model, build_tokenizer
+
+    setup = QUICK if args.quick else FULL
+    setup = Setup(**{**setup.__dict__})
+    if args.warmup is not None:
+        setup.warmup = args.warmup
+    if args.measure is not None:
+        setup.measure = args.measure
+    if args.bare_steps is not None:
+        setup.bare_steps = args.bare_steps
+    if args.shared_ray is not None:
+        setup.shared_ray = args.shared_ray
+    for name in ("quiet_below", "max_outside", "retries"):
+        if getattr(args, name) is not None:
+            setattr(setup, name, getattr(args, name))
+    repeats = args.repeats or (1 if args.quick else 3)
+    variants = ["bare", *(v for v in args.variants.split(",") if v and v != "bare")]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+
+    t_start = time.perf_counter()
+    import ray
+    import torch
+
+    info = machine_info(torch=torch.__version__, ray=ray.__version__, numpy=np.__version__)
+    print(f"machine: {info['nproc']} cpus ({info['cpu']}), load average {info['loadavg_at_start'][0]:.2f}, "
+          f"python {info['python']}, torch {info['torch']}, ray {info['ray']}" + ("  [--quick]" if args.quick else ""), flush=True)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="everlearn-dt-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stream = work / "stream"
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    rounds: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
+    try:
+        cfg = make_config(setup, work / "probe", stream, setup.gate_every, setup.ckpt_every)
+        seeded = seed_stream(cfg, setup, stream)
+        m = cfg.model
+        n_params = sum(p.numel() for p in build_model(m, build_tokenizer(m)).parameters())
+        if setup.shared_ray and any(v not in BARE for v in variants):
+            from everlearn.daemon.runtime import start_ray
+
+            start_ray(cfg)
+        run_no = 0
+        for rnd in range(repeats):
+            order = variants[rnd % len(variants):] + variants[: rnd % len(variants)]
+            for v in order:
+                for attempt in range(setup.retries + 1):
+                    run_no += 1
+                    waited, quiet = wait_quiet(setup.quiet_below, args.quiet_timeout) if setup.quiet_below > 0 else (0.0, None)
+                    load = os.getloadavg()[0]
+                    print(f"round {rnd + 1}/{repeats}: {v} (load average {load:.2f}"
+                          + (f", waited {waited:.0f} s for other processes < {setup.quiet_below:g} cores" if waited >= 3.5 else "")
+                          + ") ...", end=" ", flush=True)
+                    if v == "bare":
+                        r = run_bare(cfg, setup, args.seed + rnd)
+                    elif v == "bare_learner":
+                        r = run_bare_learner(cfg, setup, args.seed + rnd, work)
+                    else:
+                        r = run_daemon(v, setup, work, stream, run_no)
+                    outside = r["cpu_seconds"]["outside this benchmark"] / r["seconds"]
+                    r.update(round=rnd, attempt=attempt, loadavg_before=load, waited_for_quiet_s=waited,
+                             outside_cores_before=quiet, outside_cores=outside)
+                    extra = "" if v in BARE else (f", learner {1e3 * r['learner_seconds'] / r['steps']:.1f} ms/step, "
+                                                  f"wait {r['registry']['train_wait_seconds']:.2f} s, start-up {r['startup_seconds']:.1f} s")
+                    print(f"{r['tokens_per_s']:,.0f} tokens/s ({1e3 * r['seconds'] / r['steps']:.1f} ms/step{extra}; "
+                          f"other processes {outside:.2f} cores)", flush=True)
+                    if outside <= setup.max_outside or attempt == setup.retries:
+                        r["disturbed"] = outside > setup.max_outside
+                        runs[v].append(r)
+                        break
+                    print(f"  other processes used {outside:.2f} > {setup.max_outside:g} cores: measuring again", flush=True)
+                    discarded.append({"variant": v, **{k: r[k] for k in ("round", "attempt", "tokens_per_s", "outside_cores")}})
+            rounds.append({"round": rnd, "order": order})
+    finally:
+        import ray
+
+        if ray.is_initialized():  # the shared Ray: shut down with its reaper, as the daemon does its own
+            from everlearn.daemon.runtime import stop_ray
+
+            stop_ray()
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    tc = cfg.train
+    res: dict[str, Any] = {
+        "command": command_line(), "quick": args.quick, "machine": info, "date": time.strftime("%Y-%m-%d"),
+        "setup": {**{k: v for k, v in setup.__dict__.items() if k not in ("overrides", "extra")},
+                  "overrides": setup.overrides, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
+                  "torch_threads": tc.torch_threads, "model": m.model_dump(), "parameters": n_params, "repeats": repeats,
+                  "ray_num_cpus": cfg.ray.num_cpus, "serve_enabled": False, "stream": seeded},
+        "model_desc": f"{m.num_layers} x {m.hidden_size} Llama ({n_params / 1e6:.1f}M parameters)",
+        "model_desc_short": f"{m.num_layers}x{m.hidden_size} Llama, batch {tc.batch_size}x{tc.seq_len}, {tc.torch_threads} threads",
+        "target": TARGET, "before_restructure": BEFORE_RESTRUCTURE,
+        "runs": runs, "discarded": discarded,
+    }
+    res["summary"] = summarize(runs, rounds)
+    report(res, args.out, "daemon_throughput", title="Daemon training throughput vs a bare PyTorch loop",
+           intro="Serving is off (`serve.enabled: false`): it is not on the training path. "
+                 "Tokens are those that carry a loss (`StepStats.tokens`).",
+           versions={"torch": "torch", "Ray": "ray"},
+           setting=f"Ray: local, num_cpus = {cfg.ray.num_cpus}, "
+                   f"{'one shared Ray for every daemon run' if setup.shared_ray else 'started by each daemon run'}. "
+                   f"Run on {res['date']}. ",
+           render=render, plot=plot, image_alt="tokens/s per variant",
+           raw_note=" (every run, per-step times, CPU by process)", t_start=t_start)
+    return res
+
+
+if __name__ == "__main__":
+    main()
