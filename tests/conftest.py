@@ -35,6 +35,17 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the in-process daemons of a module; the daemons built on it do not own it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=256 * 2**20)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3-compatible server: yields fsspec storage options for s3:// URLs."""

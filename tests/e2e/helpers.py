@@ -1,14 +1,17 @@
 """Running the real `everlearn` CLI as a user would, and reading what it leaves behind."""
 
 import contextlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +116,41 @@ def wait_for(predicate, timeout: float, what: str, daemon: DaemonProcess | None 
         time.sleep(interval)
     tail = daemon.tail() if daemon else ""
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_exc})\n{tail}")
+
+
+def run_in_process(config: Path, until: Callable[[dict[str, Any]], bool] | None = None, timeout: float = 240,
+                   max_steps: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``everlearn run`` in this process, on the Ray the test started: until ``until(status)`` holds
+    (then a clean stop, as SIGTERM makes one) or ``max_steps`` steps. Returns (final status, events)."""
+    from prometheus_client import CollectorRegistry
+
+    from everlearn.daemon.config import load_config
+    from everlearn.daemon.service import Daemon
+
+    out = io.StringIO()
+    daemon = Daemon(load_config(config), registry=CollectorRegistry(), out=out)
+    done, timed_out = threading.Event(), []
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.2):
+            if time.monotonic() > deadline:
+                timed_out.append(daemon.state)
+                break
+            if until is not None and daemon.state not in ("starting", "stopping", "stopped") and until(daemon.status()):
+                break
+        daemon.stop_event.set()
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        final = daemon.run(max_steps=max_steps)
+    finally:
+        done.set()
+        watcher.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    evs = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    assert not timed_out, f"timed out after {timeout} s (state: {timed_out[0]})\n{out.getvalue()[-3000:]}"
+    return final, evs

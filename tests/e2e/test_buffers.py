@@ -4,6 +4,8 @@ A stream of one domain, then another: the run detects the shift and boosts
 replay; a weighted buffer takes each document's weight from a record field
 (weight 0: never replayed; a bad weight is dead-lettered); a stratified buffer
 splits its capacity between the domains. A restart restores the identical buffer.
+The daemons run in this process on one Ray for the module (the CLI's own start
+and stop are tested in test_daemon.py).
 """
 
 import json
@@ -15,7 +17,7 @@ from everlearn.buffers import BufferConfig, build_buffer
 from everlearn.buffers.persist import buffer_digest, from_files
 from everlearn.daemon import demo
 from everlearn.learners import CheckpointStore, replay_fraction
-from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
+from tests.e2e.helpers import run_in_process, tiny_config
 
 pytestmark = pytest.mark.e2e
 
@@ -34,13 +36,12 @@ def _write(stream: Path, name: str, records: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(BUFFERS))
-def test_buffer_kind_runs_boosts_replay_after_a_shift_and_resumes(kind, tmp_path, port_factory):
+def test_buffer_kind_runs_boosts_replay_after_a_shift_and_resumes(kind, local_ray, tmp_path, port_factory):
     buffer = {"capacity": CAPACITY, "replay_fraction": 0.25, "replay_boost": 0.5, "boost_steps": 1000,
               "shift_window": 16, "shift_threshold": 0.5, **BUFFERS[kind]}
-    config = tiny_config(tmp_path, port_factory(), metrics_port := port_factory(), buffer=buffer,
+    config = tiny_config(tmp_path, port_factory(), port_factory(), buffer=buffer,
                          gate={"every_steps": 1000}, checkpoint={"every_steps": 1000}, serve={"enabled": False})
     stream, run = tmp_path / "stream", tmp_path / "run"
-    status_url = f"http://127.0.0.1:{metrics_port}/status"
     man = [{"id": i, "text": t, "domain": "manpages", "quality": 0} for i, t in demo.take(demo.man_pages(), DOMAIN_BYTES)]
     py_all = demo.take(demo.python_sources(), 2 * DOMAIN_BYTES)
     n_py = len(demo.take(iter(py_all), DOMAIN_BYTES))
@@ -50,19 +51,11 @@ def test_buffer_kind_runs_boosts_replay_after_a_shift_and_resumes(kind, tmp_path
 
     _write(stream, "00-manpages.jsonl", man)
     _write(stream, "01-python.jsonl", [bad, *py])
-    daemon = DaemonProcess(config, log=tmp_path / "run1.log")
-    try:
-        total = len(man) + len(py) + (kind == "stratified")  # the bad weight only counts when weights are read
-        wait_for(lambda: get_json(status_url)["documents"] == total, 240, "all documents ingested", daemon)
-        wait_for(lambda: get_json(status_url)["pending_tokens"] < 8 * 64, 240, "the stream trained on", daemon)
-        status = get_json(status_url)
-        assert daemon.terminate() == 0, daemon.tail()
-    finally:
-        daemon.kill()
+    total = len(man) + len(py) + (kind == "stratified")  # the bad weight only counts when weights are read
+    status, events = run_in_process(config, lambda s: s["documents"] == total and s["pending_tokens"] < 8 * 64)
 
-    events = daemon.events()
     shifts = [e for e in events if e["event"] == "domain_shift"]
-    assert shifts, daemon.tail()
+    assert shifts, events
     assert shifts[0]["replay_fraction"] == 0.5 and shifts[0]["distance"] >= 0.5
     assert status["buffer"]["last_shift_step"] == shifts[-1]["step"]
     expected = replay_fraction(status["step"], 0.25, 0.5, 1000, shifts[-1]["step"])  # a little below 0.5 by now
@@ -93,10 +86,6 @@ def test_buffer_kind_runs_boosts_replay_after_a_shift_and_resumes(kind, tmp_path
     state = json.loads(store.read(ref, "train.json"))
     assert state["replay"]["shift_step"] == shifts[-1]["step"]  # the boost starts at the step after the shifting one
     _write(stream, "02-python.jsonl", more)
-    daemon2 = DaemonProcess(config, "--max-steps", "3", log=tmp_path / "run2.log")
-    try:
-        assert daemon2.wait(240) == 0, daemon2.tail()
-    finally:
-        daemon2.kill()
-    resumed = [e for e in daemon2.events() if e["event"] == "resumed"]
-    assert resumed and resumed[0]["buffer_sha256"] == buffer_digest(buf), daemon2.tail()
+    _, events2 = run_in_process(config, max_steps=3)
+    resumed = [e for e in events2 if e["event"] == "resumed"]
+    assert resumed and resumed[0]["buffer_sha256"] == buffer_digest(buf), events2

@@ -143,7 +143,8 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
 
     # restart: more data arrives, 12 more steps
     _write_stream(stream, "02-python.jsonl", "python", py_more)
-    daemon2 = DaemonProcess(config, "--max-steps", "12", log=tmp_path / "run2.log")
+    # (serving off: the restarted run's state is what is checked; SERVED.json still says what serves)
+    daemon2 = DaemonProcess(config, "--max-steps", "12", "--set", "serve.enabled=false", log=tmp_path / "run2.log")
     try:
         assert daemon2.wait(240) == 0, daemon2.tail()
     finally:

@@ -1,18 +1,8 @@
-"""One local Ray for the in-process scenarios of a module; the daemons built on it do not own it."""
-
+"""No failpoint leaks from one scenario into the next. (``local_ray`` is in tests/conftest.py.)"""
 
 import pytest
-import ray
 
 from everlearn import failpoints
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=256 * 2**20)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
