@@ -2,15 +2,13 @@
 
 import itertools
 import json
-import math
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from everlearn.daemon.record_fields import Invalid, check_unicode, valid_domain, valid_id, weight
+
 MAX_DEPTH = 64  # JSON nesting a record may have; json.loads recurses per level, and no document needs more
-MAX_ID_CHARS = 1024  # an id is hashed for hold-out and kept in lineage: a key, not a payload
-MAX_DOMAIN_CHARS = 128  # a domain is a Prometheus label and a replay key: a short name
 
 
 @dataclass(frozen=True)
@@ -66,42 +64,13 @@ REASONS = frozenset({
 })
 
 
-class _Invalid(Exception):
-    """A check failed; ``decode`` turns it into a Rejection with this reason and detail."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string literal, escapes included
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
-               str: "a string", list: "an array", dict: "an object"}
-
-
-def _json_type(value: Any) -> str:
-    """``value``'s JSON type in words, so a message names what the producer wrote, not a Python class."""
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _as_weight(value: Any) -> float | None:
-    """``value`` as a replay weight (a finite float >= 0), or None when it is not one."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        weight = float(value)
-    except OverflowError:  # an integer beyond any float
-        return None
-    return weight if 0 <= weight < math.inf else None  # NaN fails both comparisons
-
-
 def _check_size(data: bytes, max_doc_bytes: int) -> None:
     """Refuse big records first, before any work on them is spent."""
     if len(data) > max_doc_bytes:
-        raise _Invalid("too_large", f"{len(data)} bytes > source.max_doc_bytes={max_doc_bytes}")
+        raise Invalid("too_large", f"{len(data)} bytes > source.max_doc_bytes={max_doc_bytes}")
 
 
 def _utf8(data: bytes) -> str:
@@ -109,18 +78,7 @@ def _utf8(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _Invalid("bad_utf8", f"not UTF-8 at byte {e.start}: {e.reason}") from None
-
-
-def _check_unicode(value: str, where: str) -> None:
-    """Refuse lone surrogates: JSON lets a ``\\ud800`` escape through, but the tokenizer and the hold-out hash cannot encode it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise _Invalid("bad_unicode", (
-            f"{where} has a lone UTF-16 surrogate {value[e.start]!r} at character {e.start}; "
-            "a \\ud800-\\udfff escape must be half of a pair (high then low): fix the producer's JSON encoding"
-        )) from None
+        raise Invalid("bad_utf8", f"not UTF-8 at byte {e.start}: {e.reason}") from None
 
 
 def _nesting_depth(text: str) -> int:
@@ -134,10 +92,10 @@ def _nesting_depth(text: str) -> int:
     return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
-def _too_deep(depth: int | None) -> _Invalid:
+def _too_deep(depth: int | None) -> Invalid:
     """The rejection for a record nested beyond MAX_DEPTH (``depth`` None: the parser ran out of stack first)."""
     found = f"{depth} levels" if depth is not None else "too many levels for the parser"
-    return _Invalid("too_deep", (
+    return Invalid("too_deep", (
         f"the JSON nests {found}, more than the {MAX_DEPTH} a record may have; "
         "flatten the record (put deeply nested data into a string field)"
     ))
@@ -153,9 +111,9 @@ def _parse_object(text: str) -> dict[str, Any]:
     except RecursionError:  # cannot happen below MAX_DEPTH unless the stack is already deep; refused all the same
         raise _too_deep(None) from None
     except ValueError as e:
-        raise _Invalid("bad_json", f"not JSON: {e}") from None
+        raise Invalid("bad_json", f"not JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise _Invalid("not_an_object", f"expected a JSON object {{\"id\", \"text\", \"domain\"?}}, got {type(obj).__name__}")
+        raise Invalid("not_an_object", f"expected a JSON object {{\"id\", \"text\", \"domain\"?}}, got {type(obj).__name__}")
     return obj
 
 
@@ -163,65 +121,9 @@ def _text_field(obj: dict[str, Any]) -> str:
     """The document's text: a non-empty string the tokenizer can encode."""
     body = obj.get("text")
     if not isinstance(body, str) or not body.strip():
-        raise _Invalid("missing_text", "the object has no non-empty string field 'text'")
-    _check_unicode(body, "field 'text'")
+        raise Invalid("missing_text", "the object has no non-empty string field 'text'")
+    check_unicode(body, "field 'text'")
     return body
-
-
-def _int_id(value: int, where: str) -> str:
-    """An integer id as text; Python refuses to print integers of more than 4300 digits, so that is caught here."""
-    try:
-        return str(value)
-    except ValueError:
-        raise _Invalid("bad_field", (
-            f"{where} is an integer too large to print; an id may have at most {MAX_ID_CHARS} characters: use a string key"
-        )) from None
-
-
-def _valid_id(value: Any, where: str) -> str:
-    """The id as a string: it is hashed (UTF-8) for hold-out and kept in lineage, so it must be bounded, encodable text."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise _Invalid("bad_field", f"{where} must be a string or an integer, got {_json_type(value)}")
-    doc_id = _int_id(value, where) if isinstance(value, int) else value
-    if len(doc_id) > MAX_ID_CHARS:
-        raise _Invalid("bad_field", (
-            f"{where} has {len(doc_id)} characters, more than the {MAX_ID_CHARS} an id may have; "
-            "use a shorter key (e.g. a hash of the long one)"
-        ))
-    _check_unicode(doc_id, where)
-    return doc_id
-
-
-def _valid_domain(value: Any, where: str) -> str:
-    """The domain: a metric label and a replay key, so a short, non-empty string of printable characters."""
-    if not isinstance(value, str) or not value:
-        got = "an empty string" if value == "" else _json_type(value)
-        raise _Invalid("bad_field", f"{where} must be a non-empty string, got {got}")
-    if len(value) > MAX_DOMAIN_CHARS:
-        raise _Invalid("bad_field", (
-            f"{where} has {len(value)} characters, more than the {MAX_DOMAIN_CHARS} a domain may have; "
-            "a domain is a metric label: use a short name such as 'news'"
-        ))
-    _check_unicode(value, where)
-    control = next((i for i, c in enumerate(value) if unicodedata.category(c) == "Cc"), None)
-    if control is not None:
-        raise _Invalid("bad_field", (
-            f"{where} has the control character {value[control]!r} at character {control}; "
-            "a domain is a metric label: use printable characters only"
-        ))
-    return value
-
-
-def _weight(obj: dict[str, Any], weight_field: str | None) -> float | None:
-    """The record's replay weight from ``buffer.weight_field``: None when unset or absent, else a finite float >= 0."""
-    weight = obj.get(weight_field) if weight_field is not None else None
-    if weight is None:
-        return None
-    value = _as_weight(weight)
-    if value is None:
-        shown = repr(weight) if len(repr(weight)) <= 40 else repr(weight)[:40] + "..."
-        raise _Invalid("bad_weight", f"{weight_field!r} (buffer.weight_field) must be a finite number >= 0, got {shown}")
-    return value
 
 
 _DEFAULT_ID = "the source's default id (from the file name)"
@@ -231,24 +133,24 @@ _DEFAULT_DOMAIN = "the source's default domain (source.default_domain or the sub
 def _txt_document(raw: RawRecord, text: str) -> Document:
     """A txt record is one whole document; its id and domain come from the source and are checked like a record's."""
     if not text.strip():
-        raise _Invalid("empty", "the document has no text")
-    doc_id = _valid_id(raw.default_id, _DEFAULT_ID)
-    domain = _valid_domain(raw.default_domain, _DEFAULT_DOMAIN)
+        raise Invalid("empty", "the document has no text")
+    doc_id = valid_id(raw.default_id, _DEFAULT_ID)
+    domain = valid_domain(raw.default_domain, _DEFAULT_DOMAIN)
     return Document(doc_id, text, domain, raw.provenance)
 
 
 def _decode(raw: RawRecord, max_doc_bytes: int, weight_field: str | None) -> Document:
-    """The checks in order (the first that fails names the rejection); raises _Invalid."""
+    """The checks in order (the first that fails names the rejection); raises Invalid."""
     _check_size(raw.data, max_doc_bytes)
     text = _utf8(raw.data)
     if raw.kind == "txt":
         return _txt_document(raw, text)
     obj = _parse_object(text)
     body = _text_field(obj)
-    doc_id = _valid_id(obj["id"], "field 'id'") if "id" in obj else _valid_id(raw.default_id, _DEFAULT_ID)
-    domain = (_valid_domain(obj["domain"], "field 'domain'") if "domain" in obj
-              else _valid_domain(raw.default_domain, _DEFAULT_DOMAIN))
-    return Document(doc_id, body, domain, raw.provenance, _weight(obj, weight_field))
+    doc_id = valid_id(obj["id"], "field 'id'") if "id" in obj else valid_id(raw.default_id, _DEFAULT_ID)
+    domain = (valid_domain(obj["domain"], "field 'domain'") if "domain" in obj
+              else valid_domain(raw.default_domain, _DEFAULT_DOMAIN))
+    return Document(doc_id, body, domain, raw.provenance, weight(obj, weight_field))
 
 
 def _describe(error: Exception) -> str:
@@ -270,7 +172,7 @@ def decode(raw: RawRecord, max_doc_bytes: int, weight_field: str | None = None) 
     """
     try:
         return _decode(raw, max_doc_bytes, weight_field)
-    except _Invalid as e:
+    except Invalid as e:
         return Rejection(e.reason, e.detail, raw)
     except Exception as e:  # the last resort: dead-letter the record, keep the stream
         return Rejection("internal_error", _describe(e), raw)

@@ -22,16 +22,16 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from everlearn import failpoints
 from everlearn.errors import CheckpointCorruptError, CheckpointError, StorageUnavailable
+from everlearn.learners.retention import Retention, SetAside
 from everlearn.learners.storeio import StoreIO
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
-SET_ASIDE = "set-aside"
 FORMAT = 1
 
 
@@ -63,14 +63,6 @@ class CheckpointRef:
         return cls(uri=d["uri"], name=d["name"], step=int(d["step"]), manifest_sha256=d["manifest_sha256"])
 
 
-@dataclass
-class SetAside:
-    """What a recovery or a sweep moved out of the way (``name``, where to, why) and deleted."""
-
-    moved: list[tuple[str, str, str]] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-
-
 def digest(data: bytes) -> FileEntry:
     return FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
@@ -79,7 +71,7 @@ def step_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-class CheckpointStore:
+class CheckpointStore(Retention):
     """Write, verify, list, recover and sweep checkpoints under ``url`` (file://, s3://, memory://, ...)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, keep_set_aside: int = 8,
@@ -221,7 +213,7 @@ class CheckpointStore:
                 continue
         return None
 
-    # -- recovery and retention ----------------------------------------------
+    # -- recovery (retention: retention.py) --------------------------------------
     def recover(self) -> tuple[CheckpointRef | None, SetAside]:
         """The newest checkpoint that verifies; every newer or manifest-less directory is moved aside.
 
@@ -243,49 +235,3 @@ class CheckpointStore:
             with contextlib.suppress(StorageUnavailable):
                 self.io.replace(self._path(LATEST), found.name.encode())
         return found, out
-
-    def set_aside(self, name: str, reason: str) -> tuple[str, str, str]:
-        """Move checkpoint directory ``name`` under set-aside/ with a note of why; returns (name, new uri, reason)."""
-        dest = f"{SET_ASIDE}/{name}.{int(time.time() * 1000)}"
-        self.io.call("mkdir", "makedirs", self._path(SET_ASIDE), exist_ok=True)
-        self.io.move(self._path(name), self._path(dest))
-        note = json.dumps({"name": name, "reason": reason, "unix": time.time()}).encode()
-        with contextlib.suppress(OSError, StorageUnavailable):
-            self.io.call("write note", "pipe_file", self._path(dest, "SET_ASIDE.json"), note)
-        return name, self.uri(dest), reason
-
-    def sweep(self, keep_last: int, protect: set[str] | frozenset[str] = frozenset()) -> SetAside:
-        """Retention: delete committed checkpoints beyond the newest ``keep_last``; move uncommitted ones aside.
-
-        ``protect`` names checkpoints that must stay (the served version, a candidate
-        being judged). Set-aside directories beyond the newest ``keep_set_aside`` are deleted.
-        """
-        out = SetAside()
-        committed = [r.name for r in self.list()]
-        keep = set(committed[-keep_last:]) if keep_last > 0 else set()
-        keep |= set(protect)
-        for name in self._step_dirs():
-            if name in keep:
-                continue
-            if name in committed:
-                self.fs.invalidate_cache()
-                self.io.call("delete", "rm", self._path(name), recursive=True)
-                out.removed.append(name)
-            else:
-                out.moved.append(self.set_aside(name, "no manifest: a write that never committed"))
-        out.removed += self._trim_set_aside()
-        return out
-
-    def _trim_set_aside(self) -> list[str]:
-        base = self._path(SET_ASIDE)
-        if not self.io.call("exists", "exists", base):
-            return []
-        def age(n: str) -> tuple[int, str]:  # when it was set aside (ms), then the step: several can share a millisecond
-            ms = n.rsplit(".", 1)[-1]
-            return (int(ms) if ms.isdigit() else 0), n
-
-        entries = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in self.io.call("list", "ls", base, detail=False)), key=age)
-        old = entries[: max(0, len(entries) - self.keep_set_aside)]
-        for name in old:
-            self.io.call("delete", "rm", f"{base}/{name}", recursive=True)
-        return [f"{SET_ASIDE}/{n}" for n in old]

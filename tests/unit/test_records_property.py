@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
+import everlearn.daemon.record_fields as record_fields
 import everlearn.daemon.records as records_module
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.holdout import held_out
@@ -306,7 +307,7 @@ def test_every_reason_is_documented():
 
 def test_the_contract_matches_the_code():
     assert records_module.REASONS == REASONS
-    assert (records_module.MAX_ID_CHARS, records_module.MAX_DOMAIN_CHARS) == (MAX_ID_CHARS, MAX_DOMAIN_CHARS)
+    assert (record_fields.MAX_ID_CHARS, record_fields.MAX_DOMAIN_CHARS) == (MAX_ID_CHARS, MAX_DOMAIN_CHARS)
 
 
 @pytest.mark.parametrize(
