@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from everlearn.buffers import BufferConfig
 from everlearn.buffers.config import PROBLEM_SEPARATOR
 from everlearn.daemon.holdout import HoldoutConfig
+from everlearn.daemon.kafka_config import KafkaConfig, is_kafka, parse_url
 from everlearn.deploy import GateConfig, ServeConfig
 from everlearn.errors import ConfigError
 from everlearn.learners import ModelConfig, ScheduleConfig, TrainConfig
@@ -41,7 +42,7 @@ class RayConfig(_Section):
 class SourceConfig(_Section):
     """The document stream."""
 
-    url: str = Field("runs/stream", description="Directory of *.jsonl / *.txt files to follow: a path, file://, s3:// or memory:// URL.")
+    url: str = Field("runs/stream", description="What to follow: a directory of *.jsonl / *.txt files (a path, file://, s3:// or memory:// URL), or Kafka topics (kafka://HOST:PORT[,HOST:PORT...]/TOPIC[,TOPIC...]).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for the URL (e.g. s3 key, secret, endpoint_url).")
     default_domain: str = Field("default", min_length=1, description="Domain of documents that name none and lie directly in the directory (in a subdirectory, its name is the domain).")
     max_doc_bytes: int = Field(1_000_000, ge=1, description="Larger records are dead-lettered as too_large.")  # 1 MB ~ 250 sequences of 4 KiB
@@ -49,6 +50,14 @@ class SourceConfig(_Section):
     poll_interval_s: float = Field(1.0, gt=0, description="How long to wait for new records when the stream is idle.")
     settle_s: float = Field(2.0, ge=0, description="A .txt file, or a final line without a newline, is taken once the file's size and modification time have not changed for this long (0: at once).")  # two poll intervals: a writer flushing a line in pieces pauses for less; objects on s3 are whole anyway
     close_after_s: float = Field(300.0, ge=0, description="A file read to its end and unchanged this long is closed: lines appended later are not read. A directory's watermark passes a file this long after it was first seen; a new file named at or below the watermark is reported late and not read, so name new files to sort after the ones before.")  # 5 min: outlasts writers' pauses between appends and uploads landing out of name order; costs a stat per poll and a checkpoint entry only per file changed in that window
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig, description=KafkaConfig.__doc__)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if is_kafka(v):
+            parse_url(v)
+        return v
 
 
 class CheckpointConfig(_Section):

