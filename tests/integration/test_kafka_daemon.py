@@ -22,7 +22,13 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from everlearn.learners import CheckpointStore
 from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
-from tests.reliability.harness import assert_nothing_lost, assert_only_verified_checkpoints, events, jsonl, man_docs
+from tests.reliability.harness import (
+    assert_nothing_lost,
+    assert_only_verified_checkpoints,
+    events,
+    jsonl,
+    man_docs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +72,7 @@ def test_killed_and_restarted_on_kafka_nothing_is_lost(kafka_broker, tmp_path, p
             if n < KILLS:  # kill -9 once it has trained a few steps past where it started
                 start = wait_for(lambda: get_json(status)["state"] not in ("starting",) and get_json(status), 120, "ready", daemon)["step"]
                 target = start + rng.randrange(3, 12)
-                wait_for(lambda: get_json(status)["step"] >= target, 120, f"step {target}", daemon)
+                wait_for(lambda target=target: get_json(status)["step"] >= target, 120, f"step {target}", daemon)
                 os.killpg(daemon.proc.pid, signal.SIGKILL)
                 daemon.proc.wait(10)
             else:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -62,6 +63,45 @@ def test_local_example_names_every_field_explicitly():
 
     walk(data)
     assert leaves == set(_fields(Config()))
+
+
+@pytest.mark.parametrize("name", ["kafka.yaml", "s3.yaml"])
+def test_the_kafka_and_s3_examples_are_valid_and_say_what_they_are_for(name):
+    cfg = load_config(EXAMPLES / name, env={})
+    assert cfg.source.url.startswith(name.split(".")[0].replace("kafka", "kafka://").replace("s3", "s3://"))
+    if name == "kafka.yaml":
+        assert cfg.source.kafka.dlq_topic and cfg.source.kafka.id_from == "key"
+
+
+def test_kafka_urls_and_options_are_checked_with_messages_that_say_how_to_fix_them():
+    with pytest.raises(ConfigError) as e:
+        load_config(env={}, overrides=["source.url=kafka://broker/news", "source.kafka.id_from=topic", "source.kafka.start=middle"])
+    msg = str(e.value)
+    assert "brokers must be HOST:PORT" in msg and "kafka://broker-1:9092" in msg
+    assert "source.kafka.id_from: 'topic': use field, key, offset or header:NAME" in msg
+    assert "source.kafka.start" in msg
+    with pytest.raises(ConfigError, match="topics are 1-249 of"):
+        load_config(env={}, overrides=["source.url=kafka://b:9092/bad topic"])
+
+
+def test_kafka_passwords_come_from_the_environment_or_a_file_and_never_from_the_config(tmp_path, monkeypatch):
+    from everlearn.daemon.kafka_config import KafkaConfig
+
+    cfg = KafkaConfig(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_username="u", sasl_password_env="KPW")
+    with pytest.raises(ConfigError, match="environment variable KPW"):
+        cfg.client_kwargs(["b:9092"])
+    monkeypatch.setenv("KPW", "s3cret")
+    kw = cfg.client_kwargs(["b:9092"])
+    assert kw["sasl_plain_password"] == "s3cret" and kw["sasl_mechanism"] == "SCRAM-SHA-512" and kw["ssl_check_hostname"]
+    assert "s3cret" not in cfg.model_dump_json()
+    (tmp_path / "pw").write_text("from-file\n")
+    kw = KafkaConfig(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u",
+                     sasl_password_file=str(tmp_path / "pw")).client_kwargs(["b:9092"])
+    assert kw["sasl_plain_password"] == "from-file" and "ssl_cafile" not in kw
+    with pytest.raises(ConfigError, match="needs sasl_mechanism, sasl_username"):
+        KafkaConfig(security_protocol="SASL_SSL").client_kwargs(["b:9092"])
+    with pytest.raises(pydantic.ValidationError):
+        KafkaConfig(sasl_password="inline")  # there is no field for an inline password
 
 
 def test_no_path_and_no_environment_gives_the_embedded_default():
