@@ -103,6 +103,24 @@ def kafka_broker():
         broker.stop()
 
 
+@pytest.fixture
+def persistent_kafka_broker(s3_server):
+    """A Tansu broker that keeps its data on the S3 server, so it survives a restart (``broker.stop(); broker.start()``)."""
+    import uuid
+
+    import s3fs
+
+    bucket = f"tansu-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**s3_server, skip_instance_cache=True).mkdir(bucket)
+    env = {"AWS_ENDPOINT": s3_server["client_kwargs"]["endpoint_url"], "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": s3_server["key"],
+           "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    broker = Broker(storage=f"s3://{bucket}/", env=env)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3-compatible server: yields fsspec storage options for s3:// URLs."""

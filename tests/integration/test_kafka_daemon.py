@@ -14,6 +14,8 @@ import os
 import random
 import signal
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -102,3 +104,72 @@ def test_killed_and_restarted_on_kafka_nothing_is_lost(kafka_broker, tmp_path, p
     finally:
         c.close()
     assert on_topic == in_file
+
+
+def _healthz(url: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
+
+
+def test_a_broker_restarted_then_paused_for_a_minute_degrades_the_daemon_and_loses_nothing(persistent_kafka_broker, tmp_path,
+                                                                                          port_factory):
+    broker = persistent_kafka_broker
+    topic = f"docs-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 3, 1)])
+    admin.close()
+    docs = man_docs(30_000)
+    parts = [docs[i::3] for i in range(3)]
+    ids: dict[str, str] = {}
+
+    def produce(part):
+        p = KafkaProducer(bootstrap_servers=broker.bootstrap)
+        for i, (_, text) in enumerate(part):
+            sent = p.send(topic, value=json.dumps({"text": text}).encode(), partition=i % 3).get(30)
+            ids[f"{topic}:{sent.partition}:{sent.offset}"] = text
+        p.close()
+
+    metrics_port = port_factory()
+    config = tiny_config(tmp_path, port_factory(), metrics_port,
+                         source={"url": f"kafka://{broker.bootstrap}/{topic}",
+                                 "kafka": {"group_id": f"g-{uuid.uuid4().hex[:8]}", "session_timeout_ms": 6000,
+                                           "heartbeat_interval_ms": 500, "request_timeout_ms": 3000, "probe_after_s": 1.0}},
+                         checkpoint={"every_steps": 5, "keep_last": 2}, gate={"every_steps": 10**6}, serve={"enabled": False},
+                         supervision={"degraded_after_s": 3, "backoff_base_s": 0.2, "backoff_max_s": 2})
+    base = f"http://127.0.0.1:{metrics_port}"
+    produce(parts[0])
+    daemon = DaemonProcess(config, log=tmp_path / "run.log")
+    try:
+        wait_for(lambda: get_json(f"{base}/status")["documents"] >= len(parts[0]), 120, "the first part read", daemon)
+        broker.stop()  # restarted: its data is on S3
+        time.sleep(2)
+        broker.start()
+        produce(parts[1])
+        wait_for(lambda: get_json(f"{base}/status")["documents"] >= len(parts[0]) + len(parts[1]), 120, "read after the restart", daemon)
+        broker.proc.send_signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        try:
+            wait_for(lambda: get_json(f"{base}/status")["degraded"], 40, "degraded while the broker is paused", daemon)
+            assert _healthz(base) == 503
+            time.sleep(max(0.0, 60 - (time.monotonic() - paused)))
+            assert daemon.proc.poll() is None
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: not get_json(f"{base}/status")["degraded"], 90, "healthy once the broker answers", daemon)
+        assert _healthz(base) == 200
+        produce(parts[2])
+        wait_for(lambda: get_json(f"{base}/status")["documents"] >= len(docs) and get_json(f"{base}/status")["pending_tokens"] < 8 * 64,
+                 180, "the whole topic trained on", daemon)
+        assert daemon.terminate() == 0, daemon.tail()
+    finally:
+        daemon.kill()
+    evs = events(tmp_path / "run.log")
+    assert any(e["event"] == "source_error" for e in evs) and any(e["event"] == "source_recovered" for e in evs)
+    run = tmp_path / "run"
+    store = CheckpointStore(str(run / "checkpoints"))
+    assert_nothing_lost(run, store, ids, exact=True)
+    assert not jsonl(run / "dead_letter.jsonl")
