@@ -50,3 +50,16 @@ def test_daemon_throughput_bench_quick_run_writes_tables_json_and_plot(tmp_path,
     assert res["command"] in md and "| `daemon_no_gates` |" in md and "ratio to bare" in md
     assert (tmp_path / "daemon_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot written" in capsys.readouterr().out
+
+
+@pytest.mark.integration  # starts a Tansu broker; a small model for the learner's rate
+def test_kafka_ingest_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    res = load("kafka_ingest").main(["--quick", "--out", str(tmp_path), "--records", "600"])
+    for name in ("raw", "ingest"):
+        assert [r["records"] for r in res["runs"][name]] == [600] and res["summary"][name]["median"] > 0
+    ingest = res["runs"]["ingest"][0]
+    assert ingest["documents"] + ingest["dead_lettered"] == 600 and ingest["train_tokens"] > 0
+    assert res["learner"]["stream_tokens_per_s"] > 0
+    md = (tmp_path / "kafka_ingest.md").read_text()
+    assert res["command"] in md and "| `raw` kafka-python loop (reference) |" in md
+    assert (tmp_path / "kafka_ingest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
