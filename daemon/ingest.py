@@ -64,7 +64,7 @@ class IngestStage:
                                settle_s=s.settle_s, close_after_s=s.close_after_s, events=self._source_event)
 
     def _source_event(self, name: str, fields: dict[str, Any]) -> None:
-        """A file deleted, truncated, renamed, replaced or late: counted and reported; the stream goes on."""
+        """A file deleted, truncated, renamed, replaced, corrupt or late, a Kafka offset skipped or reset: counted and reported; the stream goes on."""
         self.metrics.source_events.labels(name).inc()
         self.events(name, **fields)
 

@@ -7,6 +7,8 @@ them; this module holds that shared vocabulary so the stores and the source
 
 Names are relative paths (``law/a.jsonl``); a file's directory is its top-level directory
 (``law``, or ``""`` at the root). Reads never go past the size the listing reported.
+A name ending in ``.gz`` or ``.zst`` (``a.jsonl.gz``) is a compressed file: its sizes
+are of the compressed bytes.
 """
 
 import bisect
@@ -15,7 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-SUFFIXES = (".jsonl", ".txt")
+COMPRESSIONS = (".gz", ".zst")  # decompressed while read: daemon/source_compression.py
+SUFFIXES = tuple(kind + c for kind in (".jsonl", ".txt") for c in ("",) + COMPRESSIONS)
+_LONGEST_FIRST = sorted(SUFFIXES, key=len, reverse=True)
+_TXT = tuple(s for s in SUFFIXES if s.startswith(".txt"))
 FP_MAX = 4096  # bytes of a file's head that identify its content (a hash of them)
 
 
@@ -46,6 +51,20 @@ def top(rel: str) -> str:
 def is_stream_name(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
     return name.endswith(SUFFIXES) and not name.startswith(".")
+
+
+def is_compressed(rel: str) -> bool:
+    return rel.endswith(COMPRESSIONS)
+
+
+def is_txt(rel: str) -> bool:
+    """A whole-file document (``.txt``, compressed or not); the rest are ``.jsonl``."""
+    return rel.endswith(_TXT)
+
+
+def suffix(rel: str) -> str:
+    """The stream suffix the name ends with (``.jsonl.gz``, ``.txt``, ...): what a file is and how it is read."""
+    return next((s for s in _LONGEST_FIRST if rel.endswith(s)), "")
 
 
 def fingerprint(data: bytes) -> str:

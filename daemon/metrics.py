@@ -44,7 +44,7 @@ class Metrics:
         self.documents_held_out = Counter(f"{PREFIX}_documents_held_out", "Documents held out of training for the gates.", registry=r)
         self.documents_dead_lettered = Counter(f"{PREFIX}_documents_dead_lettered", "Records sent to the dead-letter sink, by reason.", ["reason"], registry=r)
         self.source_errors = Counter(f"{PREFIX}_source_errors", "Polls of the source that failed (retried with backoff).", registry=r)
-        self.source_events = Counter(f"{PREFIX}_source_events", "Files the source saw deleted, truncated, renamed, replaced or arrive late.", ["event"], registry=r)
+        self.source_events = Counter(f"{PREFIX}_source_events", "Files the source saw deleted, truncated, renamed, replaced, corrupt (compressed) or arrive late.", ["event"], registry=r)
         self.ingest_queue_windows = Gauge(f"{PREFIX}_ingest_queue_windows", "Packed windows ready for training (the bounded queue between ingest and train).", registry=r)
         self.pending_tokens = Gauge(f"{PREFIX}_pending_tokens", "Tokens read from the stream and not yet trained on.", registry=r)
         # kafka (topics come from source.url, partitions from the topics: bounded)

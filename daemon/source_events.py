@@ -1,9 +1,10 @@
 """The reports a DirectorySource makes about files it cannot read as usual, and their delivery.
 
 The kinds (``file_renamed``, ``file_deleted``, ``file_truncated``, ``file_replaced``,
-``file_late``) and what their ``bytes`` count are listed in daemon/sources.py. Every
-report carries ``event_fields``; ``emit`` hands it to the caller's callback, or logs it
-when there is none, and never lets a failing callback stop the stream.
+``file_late``, ``file_corrupt``) and what their ``bytes`` count are listed in
+daemon/sources.py. Every report carries ``event_fields``; ``emit`` hands it to the
+caller's callback, or logs it when there is none, and never lets a failing callback
+stop the stream.
 """
 
 import logging

@@ -7,11 +7,22 @@ same inode or ETag, or else the same first bytes), other content under the name
 watermark become open files at offset 0. ``refresh_fp`` keeps each file's fingerprint
 (a hash of its first bytes, up to ``FP_MAX``) growing with what was read, which is how
 a file is recognised where the store's identity says nothing (memory://, a copy).
+A compressed file's offset counts decompressed bytes, so it is never compared with a
+size: once reading it began, another size under it is other content (``file_replaced``).
 """
 
 import dataclasses
 
-from everlearn.daemon.listing import FP_MAX, Changed, Listing, Stat, fingerprint, top
+from everlearn.daemon.listing import (
+    FP_MAX,
+    Changed,
+    Listing,
+    Stat,
+    fingerprint,
+    is_compressed,
+    suffix,
+    top,
+)
 from everlearn.daemon.source_events import event_fields
 from everlearn.daemon.source_position import OpenFile, Watermark
 from everlearn.daemon.stores import Reader, Store
@@ -37,6 +48,34 @@ def content_ok(store: Store, f: OpenFile, s: Stat) -> bool:
         raise Retry from e
 
 
+def shrunk(rel: str, f: OpenFile, s: Stat) -> bool:
+    """Smaller than what was read of it: a plain file's size below its offset (a compressed one's offset is decompressed)."""
+    return not is_compressed(rel) and s.size < f.offset
+
+
+def unread(rel: str, f: OpenFile, size: int) -> int:
+    """Bytes of ``size`` not read yet; a compressed file: all of them until it was read to its end, none after."""
+    if is_compressed(rel):
+        return 0 if f.end else size
+    return max(0, size - f.offset)
+
+
+def last_size(rel: str, f: OpenFile) -> int:
+    """The size a file had when last seen, as far as its state tells (after a restart, before any listing)."""
+    return (f.size or 0) if is_compressed(rel) else f.offset
+
+
+def replaced(rel: str, f: OpenFile, s: Stat) -> tuple:
+    """Other content under ``rel``: reported, and never read from its start (nothing is trained twice)."""
+    event = ("file_replaced", {**event_fields(rel, s.id, f.offset, s.size, s.size), "old_identity": f.id})
+    if is_compressed(rel):
+        f.end, f.size = True, s.size
+    else:
+        f.offset = s.size
+    f.fp, f.fpn = "", 0
+    return event
+
+
 def reconcile(store: Store, current: dict[str, OpenFile], dirs: dict[str, Watermark], listing: Listing,
               now: float) -> tuple[dict[str, OpenFile], list]:
     """Match the open files to what the listing shows: same name, renamed, truncated, replaced, deleted; add new ones."""
@@ -52,7 +91,9 @@ def reconcile(store: Store, current: dict[str, OpenFile], dirs: dict[str, Waterm
     def claim(rel: str, f: OpenFile, s: Stat) -> None:
         if s.sig != f.sig:
             f.changed_at = now
-        if s.size < f.offset:
+        if f.size is not None and s.size != f.size:  # a compressed file changed since reading it began
+            events.append(replaced(rel, f, s))
+        if shrunk(rel, f, s):
             events.append(("file_truncated", event_fields(rel, s.id, f.offset, s.size, f.offset - s.size)))
             f.offset = s.size
             if f.fpn > s.size:
@@ -62,7 +103,7 @@ def reconcile(store: Store, current: dict[str, OpenFile], dirs: dict[str, Waterm
         del unclaimed[rel]
 
     def renamed(rel: str, f: OpenFile, s: Stat) -> None:
-        events.append(("file_renamed", {**event_fields(s.rel, s.id, f.offset, s.size, max(0, s.size - f.offset)),
+        events.append(("file_renamed", {**event_fields(s.rel, s.id, f.offset, s.size, unread(rel, f, s.size)),
                                         "from": rel, "to": s.rel}))
         freed.add(rel)
         claim(s.rel, f, s)
@@ -70,7 +111,7 @@ def reconcile(store: Store, current: dict[str, OpenFile], dirs: dict[str, Waterm
     for rel, f in sorted(old.items()):
         s = unclaimed.get(rel)
         if s is not None and (s.sig == f.sig and s.id == f.id or f.id is not None and s.id == f.id and (
-                store.id_is_content or s.size < f.offset or same(rel, s))):
+                store.id_is_content or shrunk(rel, f, s) or same(rel, s))):
             claim(rel, f, s)  # unchanged, or the same file (inode / ETag) changed: grown or truncated
         else:
             lost.append(rel)
@@ -90,7 +131,7 @@ def reconcile(store: Store, current: dict[str, OpenFile], dirs: dict[str, Waterm
     lost, still = still, []
     for rel in lost:  # the same content under the same name (rewritten longer: s3 "appends", atomic replace)
         f, s = old[rel], unclaimed.get(rel)
-        if s is not None and s.size >= f.offset and same(rel, s):
+        if s is not None and not shrunk(rel, f, s) and same(rel, s):
             claim(rel, f, s)
         else:
             still.append(rel)
@@ -98,22 +139,22 @@ def reconcile(store: Store, current: dict[str, OpenFile], dirs: dict[str, Waterm
         f, s = old[rel], unclaimed.get(rel)
         if f.fpn:  # moved where only the content tells (memory://, a copy between devices, rotation)
             prev = current[rel].stat
-            was = prev.size if prev is not None else f.offset
-            near = sorted((t for t in unclaimed.values() if t.rel != rel and t.size >= max(f.offset, f.fpn)
-                           and t.rel.endswith(rel[rel.rfind(".") :])), key=lambda t: abs(t.size - was))
+            was = prev.size if prev is not None else last_size(rel, f)
+            least = f.fpn if is_compressed(rel) else max(f.offset, f.fpn)
+            near = sorted((t for t in unclaimed.values() if t.rel != rel and t.size >= least and suffix(t.rel) == suffix(rel)),
+                          key=lambda t: abs(t.size - was))
             match = next((t for t in near[:RENAME_CANDIDATES] if same(rel, t)), None)  # bounded reads
             if match is not None:
                 renamed(rel, f, match)
                 continue
         if s is None:
             prev = current[rel].stat
-            size = prev.size if prev is not None else f.offset
-            events.append(("file_deleted", event_fields(rel, f.id, f.offset, size, max(0, size - f.offset))))
-        elif s.size < f.offset:
+            size = prev.size if prev is not None else last_size(rel, f)
+            events.append(("file_deleted", event_fields(rel, f.id, f.offset, size, unread(rel, f, size))))
+        elif shrunk(rel, f, s):
             claim(rel, f, s)
-        else:  # other content under this name: not read again from the start (nothing is trained twice)
-            events.append(("file_replaced", {**event_fields(rel, s.id, f.offset, s.size, s.size), "old_identity": f.id}))
-            f.offset, f.fp, f.fpn = s.size, "", 0
+        else:  # other content under this name
+            events.append(replaced(rel, f, s))
             claim(rel, f, s)
     for rel, s in sorted(unclaimed.items()):
         d = dirs.get(top(rel))

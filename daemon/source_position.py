@@ -3,7 +3,11 @@
 ``encode`` writes, and ``decode`` reads back,
 ``{"format": 2, "dirs": {dir: {"after", "digest", "changed"}}, "files": {rel: {"offset", "id", "fp", "fpn"}}}``
 with an entry only for open files (``id`` only when known, ``fp``/``fpn`` only once
-fingerprinted). ``decode`` also takes the format before 2, ``{"offsets": {rel: n}}``:
+fingerprinted). ``offset`` counts the bytes read, **decompressed** bytes for a compressed
+file (``*.gz``, ``*.zst``), whose ``fp`` is still of its first compressed bytes; once reading
+a compressed file began its entry also has ``size`` (its compressed size then) and, once
+it was read to its end or given up (damaged, replaced), ``"end": true``.
+``decode`` also takes the format before 2, ``{"offsets": {rel: n}}``:
 its files' identities are learned when they are first seen. A position this source
 did not write is a ``SourceError``.
 """
@@ -11,7 +15,7 @@ did not write is a ``SourceError``.
 import dataclasses
 from typing import Any
 
-from everlearn.daemon.listing import Stat
+from everlearn.daemon.listing import Stat, is_compressed, is_txt
 from everlearn.errors import SourceError
 
 FORMAT = 2
@@ -19,7 +23,7 @@ FORMAT = 2
 
 @dataclasses.dataclass
 class OpenFile:
-    """An open file: read up to ``offset``; identity ``id`` and ``fp`` (hash of its first ``fpn`` bytes)."""
+    """An open file: read up to ``offset`` (decompressed bytes if compressed); identity ``id`` and ``fp`` (hash of its first ``fpn`` bytes)."""
 
     offset: int = 0
     id: str | None = None
@@ -29,6 +33,8 @@ class OpenFile:
     changed_at: float = 0.0  # clock time its size/mtime last changed
     sig: tuple | None = None
     stat: Stat | None = None  # this poll's
+    size: int | None = None  # a compressed file: its (compressed) size when reading it began; another size is other content
+    end: bool = False  # a compressed file: read to its end, or given up (damaged, replaced): never read again
 
 
 @dataclasses.dataclass
@@ -41,10 +47,12 @@ class Watermark:
 
 
 def is_done(rel: str, f: OpenFile) -> bool:
-    """Read to its end as of this poll (a .txt: taken)."""
+    """Read to its end as of this poll (a .txt: taken; a compressed file: ``end``)."""
     if f.stat is None:
         return False
-    return (f.offset > 0 or f.stat.size == 0) if rel.endswith(".txt") else f.offset >= f.stat.size
+    if is_compressed(rel):
+        return f.end or f.stat.size == 0
+    return (f.offset > 0 or f.stat.size == 0) if is_txt(rel) else f.offset >= f.stat.size
 
 
 def encode(files: dict[str, OpenFile], dirs: dict[str, Watermark]) -> dict[str, Any]:
@@ -55,6 +63,10 @@ def encode(files: dict[str, OpenFile], dirs: dict[str, Watermark]) -> dict[str, 
             entry["id"] = f.id
         if f.fpn:
             entry.update(fp=f.fp, fpn=f.fpn)
+        if f.size is not None:
+            entry["size"] = f.size
+        if f.end:
+            entry["end"] = True
         out[rel] = entry
     marks = {d: dataclasses.asdict(s) for d, s in sorted(dirs.items())}
     return {"format": FORMAT, "dirs": marks, "files": out}
@@ -68,7 +80,8 @@ def decode(position: dict[str, Any], now: float) -> tuple[dict[str, OpenFile], d
             dirs: dict[str, Any] = {}
         else:
             files, dirs = position.get("files", {}), position.get("dirs", {})
-        open_files = {str(rel): OpenFile(int(e["offset"]), e.get("id"), str(e.get("fp", "")), int(e.get("fpn", 0)), now, now)
+        open_files = {str(rel): OpenFile(int(e["offset"]), e.get("id"), str(e.get("fp", "")), int(e.get("fpn", 0)), now, now,
+                                         size=None if e.get("size") is None else int(e["size"]), end=e.get("end") is True)
                       for rel, e in files.items()}
         marks = {str(d): Watermark(str(s.get("after", "")), str(s.get("digest", "")), float(s.get("changed", 0.0)))
                  for d, s in dirs.items()}

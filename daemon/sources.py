@@ -8,6 +8,15 @@ up). A final line without a newline, and a ``.txt``, are taken once the file's
 size and modification time have not changed for ``settle_s``. A ``.txt`` is read
 up to ``max_line_bytes + 1`` bytes, never more.
 
+``*.jsonl.gz``, ``*.jsonl.zst``, ``*.txt.gz`` and ``*.txt.zst`` are decompressed while
+read (gzip, zstd), in chunks of ``read_chunk_bytes``, never whole, into the same records
+(``provenance`` offsets count decompressed bytes, as does the position's ``offset``). A
+compressed file is read once it has settled (a stream still being written cannot be
+decoded to its end), then to its end, and finished like a read file: it is not read
+for growth, and other content under it later is ``file_replaced``. A damaged one
+(bad header, corrupt data, cut short) delivers the records decoded before the damage;
+the rest is skipped (``file_corrupt``) and it is not read again.
+
 Files are known by identity, not by name: ``dev:ino`` locally, the ETag on s3, and
 everywhere a hash of the file's first bytes. A renamed file keeps its offset;
 a deleted file, one truncated below its offset, and one whose content was replaced
@@ -35,16 +44,23 @@ Events (``events(name, fields)``; logged when ``events`` is None), all with
 - ``file_truncated``: its size fell below the offset; reading goes on from the new end; ``bytes`` lost.
 - ``file_replaced``: other content under the name (``old_identity``); not read again; ``bytes`` skipped.
 - ``file_late``: a new name at or below the watermark (``watermark``); not read; ``bytes`` = size.
+- ``file_corrupt``: a compressed file that cannot be decoded past ``offset`` (``error``); the
+  rest is skipped; ``bytes``: the compressed bytes after the damage was found (0: cut short).
+
+For a compressed file ``offset`` counts decompressed bytes and ``size``/``bytes`` compressed
+ones (unread ``bytes`` are its size until it was read to its end, then 0).
 
 Transient storage errors raise ``SourceUnavailable`` with the position at what was
 delivered; the caller retries. The position is
 ``{"format": 2, "dirs": {dir: {"after", "digest", "changed"}}, "files": {rel: {"offset", "id", "fp", "fpn"}}}``
-with an entry only for open files; ``seek`` also takes the old ``{"offsets": {rel: n}}``.
+with an entry only for open files (a compressed one's also ``size`` and ``end``: see
+daemon/source_position.py); ``seek`` also takes the old ``{"offsets": {rel: n}}``.
 
 This module holds the ``Source`` Protocol and ``DirectorySource``'s poll loop; the
 parts live beside it: daemon/source_position.py (the state and its JSON form),
 source_identity.py (renames, truncation, replacement), source_watermarks.py (closing
-and late files), source_reading.py (lines and documents), source_events.py (reports).
+and late files), source_reading.py (lines and documents), source_compression.py
+(compressed files), source_events.py (reports).
 """
 
 import logging
@@ -54,9 +70,10 @@ from typing import Any, Protocol
 import fsspec
 
 from everlearn.daemon import source_position
-from everlearn.daemon.listing import Changed
+from everlearn.daemon.listing import Changed, is_compressed, is_txt
 from everlearn.daemon.records import RawRecord
-from everlearn.daemon.source_events import Events, emit
+from everlearn.daemon.source_compression import Corrupt, Unpacker
+from everlearn.daemon.source_events import Events, emit, event_fields
 from everlearn.daemon.source_identity import Retry, reconcile, refresh_fp
 from everlearn.daemon.source_position import OpenFile, Watermark
 from everlearn.daemon.source_reading import read_lines, read_txt
@@ -99,6 +116,7 @@ class DirectorySource:
         self.events = events
         self._files: dict[str, OpenFile] = {}
         self._dirs: dict[str, Watermark] = {}
+        self._unpacker = Unpacker(read_chunk_bytes, max_line_bytes)  # decodes compressed files, one kept from poll to poll
 
     # -- position ----------------------------------------------------------
     def position(self) -> dict[str, Any]:
@@ -106,6 +124,7 @@ class DirectorySource:
 
     def seek(self, position: dict[str, Any]) -> None:
         self._files, self._dirs = source_position.decode(position, self.clock())
+        self._unpacker.drop()
 
     def close(self) -> None:
         pass
@@ -149,13 +168,22 @@ class DirectorySource:
         for rel, f in sorted(files.items()):
             if len(out) >= max_records:
                 break
-            s, txt = f.stat, rel.endswith(".txt")
+            s, txt, packed = f.stat, is_txt(rel), is_compressed(rel)
             settled = now - f.changed_at >= self.settle_s
-            if s is None or (not settled or f.offset > 0 or s.size == 0 if txt else s.size <= f.offset):
-                continue  # a .txt is taken once, settled; a .jsonl has bytes beyond its offset
+            if s is None:
+                continue
+            if packed:
+                due = settled and not f.end and s.size > 0  # read once settled, then on to its end
+            else:  # a .txt is taken once, settled; a .jsonl has bytes beyond its offset
+                due = settled and f.offset == 0 and s.size > 0 if txt else s.size > f.offset
+            if not due:
+                continue
             try:
                 with self.store.open(s) as r:
-                    if txt:
+                    if packed:
+                        for rec in self._unpacker.records(r, rel, f, s, max_records - len(out), self._domain(rel)):
+                            out.append(rec)
+                    elif txt:
                         data = read_txt(r, f, s, self.max_line_bytes)
                         out.append(RawRecord(data, "txt", {"file": rel, "offset": 0}, rel, self._domain(rel)))
                     else:
@@ -165,6 +193,9 @@ class DirectorySource:
                         refresh_fp(r, f)
             except (Changed, FileNotFoundError):
                 continue  # moved meanwhile: the next listing tells what happened
+            except Corrupt as e:  # the records before the damage are out; the rest is skipped, never read again
+                f.end = True
+                self._emit("file_corrupt", {**event_fields(rel, s.id, f.offset, s.size, e.unread), "error": str(e)})
             except Exception as e:
                 if out and is_transient(e):
                     log.warning("source %s: reading %s failed (%s); returning the %d records read", self.url, rel, e, len(out))

@@ -1,10 +1,12 @@
 """The same source and checkpoint code on s3:// against a real S3-compatible server (moto)."""
 
+import gzip
 import json
 
 import boto3
 import pytest
 import s3fs
+import zstandard
 
 from everlearn.daemon import store_s3
 from everlearn.daemon.records import Document, decode
@@ -177,6 +179,32 @@ def test_renamed_replaced_and_rewritten_objects(s3_bucket, monkeypatch):
     fs.rm(f"{root}/stream/b.jsonl")
     assert src.poll(10) == []
     assert events[-1][0] == "file_deleted" and events[-1][1]["file"] == "b.jsonl" and events[-1][1]["bytes"] == 0
+
+
+def test_compressed_objects_uploaded_while_polling_are_read_once_in_key_order(s3_bucket):
+    url, opts = s3_bucket
+    root = url.removeprefix("s3://")
+    boto = _boto(opts)
+    bodies = {f"{i:03d}": b"".join(_line(j, f"k{i}-") for j in range(40)) for i in range(6)}
+    pack = {0: lambda b: b, 1: lambda b: gzip.compress(b, mtime=0), 2: lambda b: zstandard.ZstdCompressor().compress(b)}
+    suffix = {0: ".jsonl", 1: ".jsonl.gz", 2: ".jsonl.zst"}
+    src = _source(f"{url}/stream", opts, read_chunk_bytes=64)  # many ranged GETs per object
+    got = []
+    for i, (name, body) in enumerate(bodies.items()):
+        boto.put_object(Bucket=root, Key=f"stream/{name}{suffix[i % 3]}", Body=pack[i % 3](body))
+        got += src.poll(25)  # a plain object at once; a compressed one once settled
+        src.clock.advance(SETTLE)
+        got += src.poll(25)  # a compressed object read over two polls too: its decoder is kept between them
+    for _ in range(5):
+        got += src.poll(25)
+    want = [f"k{i}- {j}" for i in range(6) for j in range(40)]
+    assert _texts(got) == want  # each once, in key order
+    assert [r.provenance["file"] for r in got[::40]] == [f"{n}{suffix[i % 3]}" for i, n in enumerate(bodies)]
+    assert got[41].provenance == {"file": "001.jsonl.gz", "offset": len(_line(0, "k1-"))}  # decompressed offsets
+    files = src.position()["files"]
+    assert files["004.jsonl.gz"]["end"] and files["005.jsonl.zst"]["offset"] == len(bodies["005"])
+    src.clock.advance(SETTLE)
+    assert src.poll(1000) == []
 
 
 def test_the_generic_fsspec_lister_does_not_trust_a_cached_listing(s3_bucket):

@@ -1,13 +1,17 @@
 """daemon/sources.py: DirectorySource on a local directory (file://) and on memory://."""
 
+import gzip
 import json
 import os
 import time
+import tracemalloc
 from uuid import uuid4
 
 import fsspec
 import pytest
+import zstandard
 
+from everlearn.daemon.listing import fingerprint
 from everlearn.daemon.records import Document, Rejection, decode
 from everlearn.daemon.sources import DirectorySource
 from everlearn.errors import SourceError, SourceUnavailable
@@ -771,3 +775,283 @@ def test_an_events_callback_that_fails_does_not_stop_the_stream(d):
     assert texts(src.poll(1)) == ["1"]
     d.delete("a.jsonl")
     assert texts(src.poll(10)) == ["2"]
+
+
+# -- compressed files (.gz, .zst) -----------------------------------------------------
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def zst(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+PACK = {"gz": gz, "zst": zst}
+
+
+def zst_blocks(parts: list[bytes]) -> bytes:
+    """One zstd frame, a block per part: a cut in the middle leaves the blocks before it decodable."""
+    c = zstandard.ZstdCompressor().compressobj()
+    out = [c.compress(p) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for p in parts]
+    return b"".join(out) + c.flush()
+
+
+def _same_records(plain: list, packed: list, rel: str, packed_rel: str) -> None:
+    assert packed and len(packed) == len(plain)
+    for p, c in zip(plain, packed, strict=True):
+        assert (c.data, c.kind, c.default_domain) == (p.data, p.kind, p.default_domain)
+        assert c.provenance == {**p.provenance, "file": packed_rel}  # offsets: decompressed bytes, as in the plain file
+        assert c.default_id == p.default_id.replace(rel, packed_rel, 1)
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 1 << 20])
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_compressed_file_yields_the_records_of_the_plain_file(d, codec, chunk):
+    cap = 64
+    long = json.dumps({"id": "long", "text": "z" * 300}).encode()
+    body = lines("a", "b") + b"\n  \n" + long + b"\n" + lines("c") + b'{"id": "last", "text": "no newline"}'
+    doc, big = "un document\nà deux lignes".encode(), b"w" * 500
+    for name, data in [("j", body), ("t", doc), ("u", big)]:
+        kind = "jsonl" if name == "j" else "txt"
+        d.write(f"law/{name}.{kind}", data)
+        d.write(f"law/{name}.{kind}.{codec}", PACK[codec](data))
+    src = d.source(read_chunk_bytes=chunk, max_line_bytes=cap)
+    recs = drain(src)
+    by_file: dict[str, list] = {}
+    for r in recs:
+        by_file.setdefault(r.provenance["file"], []).append(r)
+    assert len(by_file) == 6
+    for rel in ("law/j.jsonl", "law/t.txt", "law/u.txt"):
+        _same_records(by_file[rel], by_file[f"{rel}.{codec}"], rel, f"{rel}.{codec}")
+    assert texts(by_file[f"law/j.jsonl.{codec}"][:2]) == ["a", "b"] and len(by_file[f"law/j.jsonl.{codec}"]) == 5
+    assert by_file[f"law/u.txt.{codec}"][0].data == big[: cap + 1]  # cut as a plain .txt is
+    assert drain(src) == [] and d.events == []  # each once
+
+
+def test_a_compressed_files_position_counts_decompressed_bytes(d):
+    body = lines("1", "2", "3")
+    d.write("a.jsonl.gz", gz(body))
+    src = d.source(settle_s=0.0)
+    assert texts(src.poll(2)) == ["1", "2"]
+    entry = src.position()["files"]["a.jsonl.gz"]
+    size = len(gz(body))
+    assert entry["offset"] == len(lines("1", "2")) and entry["size"] == size and "end" not in entry
+    assert entry["fpn"] == size and entry["fp"] == fingerprint(gz(body))  # the identity: its compressed bytes
+    assert texts(src.poll(10)) == ["3"]
+    assert src.position()["files"]["a.jsonl.gz"] == {**entry, "offset": len(body), "end": True}
+    assert json.loads(json.dumps(src.position())) == src.position()
+
+
+def test_multi_member_gzip_and_multi_frame_zstd(d):
+    d.write("a.jsonl.gz", gz(lines("a1", "a2")) + gz(b"") + gz(lines("a3")) + b"\0" * 8 + gz(lines("a4")) + b"\0\0")
+    skippable = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    checked = zstandard.ZstdCompressor(write_checksum=True).compress(lines("b2", "b3"))  # as the zstd command writes
+    d.write("b.jsonl.zst", zst(lines("b1")) + skippable + checked + zst_blocks([lines("b4"), lines("b5")]))
+    for chunk in (5, 1 << 20):
+        assert texts(drain(d.source(read_chunk_bytes=chunk))) == ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4", "b5"]
+    assert d.events == []
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_compressed_file_resumes_from_a_checkpointed_position(d, codec, batch):
+    a = [f"a{i}" for i in range(25)]
+    d.write(f"a.jsonl.{codec}", PACK[codec](lines(*a)))
+    d.write(f"b.txt.{codec}", PACK[codec](b"the b document"))
+    d.write("c.jsonl", lines("c0"))
+    want = a + ["the b document", "c0"]
+    got: list[str] = []
+    pos = {"format": 2, "dirs": {}, "files": {}}
+    for _ in range(60):  # a fresh source (a restart) after every poll, settled by then
+        src = d.source(read_chunk_bytes=16, max_line_bytes=64, settle_s=0.0)
+        src.seek(json.loads(json.dumps(pos)))
+        recs = src.poll(batch)
+        assert len(recs) <= batch
+        got += texts(recs)
+        pos = src.position()
+        if len(got) >= len(want):
+            break
+    assert got == want  # each once, in order
+    assert pos["files"][f"a.jsonl.{codec}"]["offset"] == len(lines(*a)) and pos["files"][f"a.jsonl.{codec}"]["end"]
+    again = d.source(settle_s=0.0)
+    again.seek(pos)
+    assert drain(again) == [] and d.events == []
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_big_compressed_file_is_read_in_bounded_memory(tmp_path, codec):
+    root = tmp_path / "stream"
+    root.mkdir()
+    row = json.dumps({"id": "r", "text": "abc " * 250}).encode() + b"\n"
+    n = 20_000  # 20 MB decompressed, some 100 KB compressed
+    (root / f"big.jsonl.{codec}").write_bytes(PACK[codec](row * n))
+    chunk = 1 << 16
+    src = DirectorySource(f"file://{root}", read_chunk_bytes=chunk, max_line_bytes=chunk, settle_s=0.0)
+    asked, got = [], [0]
+    inner = src.store.open
+
+    def open_(s):
+        reader = inner(s)
+        read = reader.read
+
+        def counted(k):
+            asked.append(k)
+            data = read(k)
+            got[0] += len(data)
+            return data
+
+        reader.read = counted
+        return reader
+
+    src.store.open = open_
+    count, offset = 0, 0
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            recs = src.poll(1000)
+            if not recs:
+                break
+            for r in recs:  # every record whole, at its decompressed offset
+                assert r.data == row[:-1] and r.provenance["offset"] == offset
+                offset += len(row)
+            count += len(recs)
+            del recs
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == n
+    assert peak < 4 << 20, f"peak {peak} bytes while decompressing {n * len(row)}"
+    assert max(asked) <= chunk  # never more than a chunk from the store
+    assert got[0] == (root / f"big.jsonl.{codec}").stat().st_size  # read once: each poll reads on where the last stopped
+    assert src.position()["files"][f"big.jsonl.{codec}"]["end"] is True
+
+
+def test_a_damaged_gzip_delivers_what_came_before_and_is_reported_once(d):
+    members = [lines(*[f"m{k}-{i}" for i in range(20)]) for k in range(6)]
+    packed = [gz(m) for m in members]
+    data = bytearray(b"".join(packed))
+    middle = sum(map(len, packed[:3])) + len(packed[3]) // 2
+    data[middle : middle + 6] = bytes(b ^ 0xA5 for b in data[middle : middle + 6])  # bytes flipped inside member 3
+    d.write("a.jsonl.gz", bytes(data))
+    d.write("b.jsonl", lines("b0"))
+    src = d.source(read_chunk_bytes=64)
+    got = texts(drain(src))
+    assert got[0] == "b0"  # the plain file is read at once, the compressed one once settled: the stream goes on
+    before = [f"m{k}-{i}" for k in range(3) for i in range(20)]
+    assert got[1 : len(before) + 1] == before  # the members before the damage, each record once
+    assert "m4-0" not in got  # nothing after the damage
+    [ev] = d.named("file_corrupt")
+    assert ev["file"] == "a.jsonl.gz" and ev["size"] == len(data) and "gzip" in ev["error"]
+    assert ev["offset"] >= len(b"".join(members[:3])) and 0 < ev["bytes"] < len(data) - sum(map(len, packed[:3]))
+    assert src.position()["files"]["a.jsonl.gz"]["end"] is True
+    assert drain(src) == [] and len(d.named("file_corrupt")) == 1  # not read again
+    again = d.source()
+    again.seek(src.position())
+    assert drain(again) == [] and len(d.named("file_corrupt")) == 1
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_truncated_compressed_file_delivers_the_records_before_the_cut(d, codec):
+    parts = [lines(*[f"p{k}-{i}" for i in range(10)]) for k in range(8)]
+    data = zst_blocks(parts) if codec == "zst" else b"".join(gz(p) for p in parts)
+    cut = data[: len(data) * 5 // 8 + 7]  # inside a member, a block
+    d.write(f"a.jsonl.{codec}", cut)
+    d.write("b.jsonl", lines("b0"))
+    src = d.source(read_chunk_bytes=32)
+    got = texts(drain(src))
+    assert got[0] == "b0"  # read at once; the compressed file once settled
+    delivered = got[1:]
+    assert delivered == [f"p{k}-{i}" for k in range(8) for i in range(10)][: len(delivered)]  # a prefix, none garbled
+    assert 20 <= len(delivered) < 80
+    [ev] = d.named("file_corrupt")
+    assert ev["file"] == f"a.jsonl.{codec}" and "cut short" in ev["error"] and ev["bytes"] == 0
+    assert ev["offset"] == len(b"".join(parts)[: ev["offset"]]) == len(lines(*[f"p{k}-{i}" for k in range(8) for i in range(10)][: len(delivered)]))
+    assert drain(src) == [] and len(d.named("file_corrupt")) == 1
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_garbage_compressed_file_and_an_empty_one(d, codec):
+    d.write(f"a.jsonl.{codec}", b"this is not compressed at all\n")
+    d.write(f"b.txt.{codec}", b"")  # nothing yet: not an error
+    d.write(f"c.txt.{codec}", PACK[codec](b""))  # an empty document: no record, as for an empty .txt
+    d.write("d.jsonl", lines("d0"))
+    src = d.source()
+    assert texts(drain(src)) == ["d0"]
+    assert [e["file"] for e in d.named("file_corrupt")] == [f"a.jsonl.{codec}"]
+    assert d.named("file_corrupt")[0]["offset"] == 0
+    d.write(f"b.txt.{codec}", PACK[codec](b"now it has one"))
+    assert texts(drain(src)) == ["now it has one"]
+
+
+def test_a_compressed_file_is_read_only_once_settled(d):
+    body = lines(*[f"g{i}" for i in range(40)])
+    data = gz(body)
+    d.write("a.jsonl.gz", data[: len(data) // 2])  # still being written
+    d.write("b.jsonl", lines("b0"))
+    src = d.source()
+    reads = CountingReads(src)
+    assert texts(src.poll(100)) == ["b0"]
+    d.clock.advance(SETTLE - 0.5)
+    d.write("a.jsonl.gz", data)  # the rest, SETTLE - 0.5 s later
+    assert src.poll(100) == []
+    d.clock.advance(SETTLE - 0.5)
+    assert src.poll(100) == []  # changed SETTLE - 0.5 s ago
+    assert "a.jsonl.gz" not in reads.bytes  # not opened while unsettled
+    d.clock.advance(0.5)
+    assert texts(src.poll(100)) == [f"g{i}" for i in range(40)]
+    assert d.events == []
+    d.append("a.jsonl.gz", gz(lines("more")))  # finished: a change now is other content, never read
+    assert drain(src) == []
+    [ev] = d.named("file_replaced")
+    assert ev["file"] == "a.jsonl.gz" and ev["offset"] == len(body)
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_compressed_file_renamed_while_read_keeps_its_offset(d, codec):
+    d.write(f"a.jsonl.{codec}", PACK[codec](lines(*[f"a{i}" for i in range(6)])))
+    src = d.source(settle_s=0.0)
+    assert texts(src.poll(2)) == ["a0", "a1"]
+    d.rename(f"a.jsonl.{codec}", f"b.jsonl.{codec}")
+    recs = src.poll(10)
+    assert texts(recs) == ["a2", "a3", "a4", "a5"]
+    assert recs[0].provenance == {"file": f"b.jsonl.{codec}", "offset": len(lines("a0", "a1"))}
+    assert [n for n, _ in d.events] == ["file_renamed"]
+
+
+@pytest.mark.parametrize("codec", ["gz", "zst"])
+def test_a_read_failure_in_a_compressed_file_delivers_exactly_the_rest_later(d, codec):
+    d.write(f"a.jsonl.{codec}", PACK[codec](lines(*[f"a{i}" for i in range(30)])))
+    d.write("b.jsonl", lines("b0"))
+    src = d.source(read_chunk_bytes=16, settle_s=0.0)
+    inner = src.store.open
+    calls = {"n": 0}
+
+    def open_(s):
+        reader = inner(s)
+        read = reader.read
+
+        def flaky(n):
+            calls["n"] += 1
+            if calls["n"] % 4 == 0:
+                raise ConnectionResetError("reset")
+            return read(n)
+
+        reader.read = flaky
+        return reader
+
+    src.store.open = open_
+    got, raised = [], 0
+    for _ in range(200):
+        try:
+            recs = src.poll(4)
+        except SourceUnavailable:
+            raised += 1
+            continue
+        got += texts(recs)
+        if len(got) >= 31:
+            break
+    assert raised > 0
+    assert got == [f"a{i}" for i in range(30)] + ["b0"]  # none twice, none skipped
+    assert d.named("file_corrupt") == []
