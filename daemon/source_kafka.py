@@ -92,8 +92,11 @@ class KafkaSource:
     def poll(self, max_records: int, timeout_s: float = 0.0) -> list[RawRecord]:
         c = self._consumer or self._connect()
         self._commit_requested(c)
+        # Joining the group takes one uninterrupted wait (a poll that times out first starts the join over):
+        # without partitions, wait up to a session timeout
+        wait_ms = max(100, int(timeout_s * 1000)) if self.assigned else self.cfg.session_timeout_ms
         try:
-            batch = c.poll(timeout_ms=max(100, int(timeout_s * 1000)), max_records=max_records)
+            batch = c.poll(timeout_ms=wait_ms, max_records=max_records)
         except OffsetOutOfRangeError as e:
             self._out_of_range(c, e.args[0] if e.args and isinstance(e.args[0], dict) else {})
             return []
@@ -170,7 +173,7 @@ class KafkaSource:
     def _connect(self) -> KafkaConsumer:
         k = self.cfg
         try:
-            c = KafkaConsumer(**k.client_kwargs(self.servers), group_id=k.group_id, enable_auto_commit=False,
+            c = KafkaConsumer(**k.client_kwargs(self.servers), group_id=k.group_id, enable_auto_commit=False, metadata_max_age_ms=5000,
                               auto_offset_reset="none", session_timeout_ms=k.session_timeout_ms,
                               heartbeat_interval_ms=k.heartbeat_interval_ms)
         except KafkaError as e:

@@ -225,3 +225,22 @@ def test_brokers_that_do_not_answer_raise_and_reading_resumes(kafka_broker):
         assert [r.provenance["offset"] for r in got] == [4, 5, 6]
     finally:
         src.close()
+
+
+def test_a_topic_empty_at_the_start_is_read_once_records_arrive_at_the_ingest_threads_pace(kafka_broker):
+    """The ingest thread polls without waiting and sleeps between empty polls: the group join must still complete."""
+    topic = _topic(kafka_broker)
+    cfg = KafkaConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, heartbeat_interval_ms=500)  # else the defaults
+    src = KafkaSource(f"kafka://{kafka_broker.bootstrap}/{topic}", cfg, Metrics())
+    got, produced = [], False
+    try:
+        deadline = time.monotonic() + 40
+        while len(got) < 6 and time.monotonic() < deadline:
+            got += src.poll(64)  # timeout 0, as IngestStage.poll_once calls it
+            if not produced and time.monotonic() > deadline - 37:
+                _produce(kafka_broker, topic, _docs(6))
+                produced = True
+            time.sleep(1.0)  # source.poll_interval_s
+    finally:
+        src.close()
+    assert len(got) == 6, f"{len(got)} of 6 records read; assigned: {src.assigned}"
