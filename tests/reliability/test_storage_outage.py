@@ -5,9 +5,11 @@ store is unreachable the daemon stays up: source polls and checkpoint writes
 retry with backoff, each failure is counted, /status says ``degraded`` and
 /healthz answers 503; the position never moves past what was read. Objects
 another client uploads meanwhile are picked up, and once the store answers again
-the run checkpoints, clears ``degraded`` and loses nothing.
+the run checkpoints, clears ``degraded`` and loses nothing. The objects uploaded during
+and after the outages are compressed (.jsonl.gz, .jsonl.zst).
 """
 
+import gzip
 import json
 import time
 import urllib.error
@@ -15,6 +17,7 @@ import urllib.request
 
 import pytest
 import s3fs
+import zstandard
 
 from everlearn.learners import CheckpointStore
 from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
@@ -51,6 +54,7 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
     bucket = url.removeprefix("s3://")
     docs = man_docs(36_000)
     first, later = docs[: len(docs) // 2], docs[len(docs) // 2 :]
+    later, last = later[: len(later) // 2], later[len(later) // 2 :]
     direct.pipe(f"{bucket}/stream/00-man.jsonl", _jsonl_bytes(first))
     proxy = Proxy(int(opts["client_kwargs"]["endpoint_url"].rsplit(":", 1)[1]))
     via = {**opts, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}, "skip_instance_cache": True,
@@ -72,8 +76,8 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
             proxy.set(mode)
             wait_for(lambda: get_json(f"{base}/status")["degraded"], 60, f"degraded while the store is {mode}", daemon)
             assert _healthz(base) == 503
-            if mode == "blackhole":  # another client uploads while the daemon cannot reach the store
-                direct.pipe(f"{bucket}/stream/01-man.jsonl", _jsonl_bytes(later))
+            if mode == "blackhole":  # another client uploads (compressed) while the daemon cannot reach the store
+                direct.pipe(f"{bucket}/stream/01-man.jsonl.gz", gzip.compress(_jsonl_bytes(later)))
             time.sleep(4)
             assert daemon.proc.poll() is None
             proxy.set("up")
@@ -81,8 +85,9 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
             assert _healthz(base) == 200
         assert _metric(base, "everlearn_checkpoint_failures_total") >= 1
         assert _metric(base, "everlearn_source_errors_total") >= 1
+        direct.pipe(f"{bucket}/stream/02-man.jsonl.zst", zstandard.ZstdCompressor().compress(_jsonl_bytes(last)))
         total = len(docs)
-        wait_for(lambda: get_json(f"{base}/status")["documents"] >= total, 240, "the object uploaded during the outage", daemon)
+        wait_for(lambda: get_json(f"{base}/status")["documents"] >= total, 240, "the objects uploaded during and after the outages", daemon)
         wait_for(lambda: get_json(f"{base}/status")["pending_tokens"] < 8 * 64, 240, "the stream trained on", daemon)
         assert daemon.terminate() == 0, daemon.tail()
     finally:
