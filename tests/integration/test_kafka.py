@@ -25,7 +25,7 @@ from everlearn.errors import SourceUnavailable
 
 pytestmark = pytest.mark.integration
 
-FAST = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "request_timeout_ms": 3000}
+FAST = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 300, "request_timeout_ms": 3000}  # Tansu joins take half a session
 BAD = [b"{not json", b"\xff\xfe binary", b'{"id": "no-text"}', b"[1, 2, 3]"]
 
 
@@ -124,7 +124,7 @@ def test_dead_letters_go_to_their_topic_with_their_origin(kafka_broker):
         src.dead_letter(rejected)
     finally:
         src.close()
-    c = KafkaConsumer(dlq, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    c = KafkaConsumer(dlq, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=2000)
     try:
         got = list(c)
     finally:
@@ -180,12 +180,13 @@ def test_a_position_beyond_the_log_is_reported_and_read_from_the_start(kafka_bro
 def test_a_second_member_of_the_group_takes_nothing_from_this_run(kafka_broker):
     topic = _topic(kafka_broker)
     _produce(kafka_broker, topic, _docs(30))
-    src = _source(kafka_broker, topic)
+    slow = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500}  # two members taking turns need the longer session
+    src = _source(kafka_broker, topic, **slow)
     other = None
     try:
         first = _drain(src, 12)
         other = KafkaConsumer(topic, bootstrap_servers=kafka_broker.bootstrap, group_id=src.cfg.group_id, enable_auto_commit=True,
-                              auto_offset_reset="earliest", **{k: v for k, v in FAST.items() if k != "request_timeout_ms"})
+                              auto_offset_reset="earliest", **slow)
         deadline = time.monotonic() + 30
         while not other.assignment() and time.monotonic() < deadline:  # the group rebalances over both members
             other.poll(200)
@@ -230,7 +231,7 @@ def test_brokers_that_do_not_answer_raise_and_reading_resumes(kafka_broker):
 def test_a_topic_empty_at_the_start_is_read_once_records_arrive_at_the_ingest_threads_pace(kafka_broker):
     """The ingest thread polls without waiting and sleeps between empty polls: the group join must still complete."""
     topic = _topic(kafka_broker)
-    cfg = KafkaConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", session_timeout_ms=6000, heartbeat_interval_ms=500)  # else the defaults
+    cfg = KafkaConfig(group_id=f"g-{uuid.uuid4().hex[:8]}", session_timeout_ms=3000, heartbeat_interval_ms=300)  # else the defaults
     src = KafkaSource(f"kafka://{kafka_broker.bootstrap}/{topic}", cfg, Metrics())
     got, produced = [], False
     try:
