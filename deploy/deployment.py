@@ -12,7 +12,8 @@ import logging
 import time
 from typing import Any
 
-from everlearn.deploy.serving import APP_NAME, DEPLOYMENT_NAME, IMPORT_PATH, ServeConfig
+from everlearn.deploy.serve_config import ServeConfig
+from everlearn.deploy.serving import APP_NAME, DEPLOYMENT_NAME, IMPORT_PATH
 from everlearn.errors import ServingError
 from everlearn.learners import ModelConfig
 

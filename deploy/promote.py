@@ -24,7 +24,7 @@ from everlearn import failpoints
 from everlearn.deploy.audit import AuditLog
 from everlearn.deploy.deployment import Server
 from everlearn.deploy.judge import Judgement
-from everlearn.deploy.serving import ServeConfig
+from everlearn.deploy.serve_config import ServeConfig
 from everlearn.errors import CheckpointError, ServingError, StorageUnavailable
 from everlearn.learners import CheckpointRef, CheckpointStore, ModelConfig
 from everlearn.learners.learner import WEIGHTS

@@ -1,24 +1,66 @@
 """Updating the model on fresh + replayed tokens with infinite LR schedules.
 
-Depends on ``everlearn.buffers`` only.
+Depends on ``everlearn.buffers`` only. Names are imported from their modules on first use,
+so reading a configuration does not load torch.
 """
 
-from everlearn.learners.batching import ReplayMixer, Span, TokenPacker, Windows
-from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
-from everlearn.learners.config import TrainConfig
-from everlearn.learners.learner import (
-    Learner,
-    StepStats,
-    load_weights,
-    sequence_losses,
-    token_losses,
-)
-from everlearn.learners.model import ModelConfig, Tokenizer, build_model, build_tokenizer
-from everlearn.learners.replay import DomainShift, ReplaySchedule, replay_fraction
-from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig, infinite_lr
+import importlib
+from typing import TYPE_CHECKING
 
+_WHERE = {  # name -> the module that defines it, imported when the name is first used
+    "CheckpointRef": "checkpoints",
+    "CheckpointStore": "checkpoints",
+    "DomainShift": "replay",
+    "FileEntry": "checkpoints",
+    "InfiniteSchedule": "schedules",
+    "Learner": "learner",
+    "ModelConfig": "config",
+    "ReplayMixer": "batching",
+    "ReplaySchedule": "replay",
+    "ScheduleConfig": "schedules",
+    "Span": "batching",
+    "StepStats": "learner",
+    "TokenPacker": "batching",
+    "Tokenizer": "model",
+    "TrainConfig": "config",
+    "Windows": "batching",
+    "build_model": "model",
+    "build_tokenizer": "model",
+    "infinite_lr": "schedules",
+    "load_weights": "learner",
+    "replay_fraction": "replay",
+    "sequence_losses": "learner",
+    "token_losses": "learner",
+}
 __all__ = [
-    "CheckpointRef", "CheckpointStore", "FileEntry", "InfiniteSchedule", "Learner", "ModelConfig",
-    "DomainShift", "ReplayMixer", "ReplaySchedule", "ScheduleConfig", "Windows", "replay_fraction", "Span", "StepStats", "TokenPacker", "Tokenizer", "TrainConfig",
-    "build_model", "build_tokenizer", "infinite_lr", "load_weights", "sequence_losses", "token_losses",
+    "CheckpointRef", "CheckpointStore", "DomainShift", "FileEntry", "InfiniteSchedule", "Learner",
+    "ModelConfig", "ReplayMixer", "ReplaySchedule", "ScheduleConfig", "Span", "StepStats",
+    "TokenPacker", "Tokenizer", "TrainConfig", "Windows", "build_model", "build_tokenizer",
+    "infinite_lr", "load_weights", "replay_fraction", "sequence_losses", "token_losses",
 ]
+
+
+def __getattr__(name: str):
+    """PEP 562: a part (torch, Ray Serve) is imported only when one of its names is used."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from everlearn.learners.batching import ReplayMixer, Span, TokenPacker, Windows
+    from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
+    from everlearn.learners.config import ModelConfig, TrainConfig
+    from everlearn.learners.learner import (
+        Learner,
+        StepStats,
+        load_weights,
+        sequence_losses,
+        token_losses,
+    )
+    from everlearn.learners.model import Tokenizer, build_model, build_tokenizer
+    from everlearn.learners.replay import DomainShift, ReplaySchedule, replay_fraction
+    from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig, infinite_lr

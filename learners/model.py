@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,20 +20,7 @@ from transformers import (
 )
 
 from everlearn.errors import ModelLoadError
-
-
-class ModelConfig(BaseModel):
-    """The language model: a tiny Llama built from these numbers, or a local directory."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name_or_path: str | None = Field(None, description="A local `save_pretrained` directory to load (model, and tokenizer if it has one). Empty: build a Llama from the numbers below.")
-    hidden_size: int = Field(256, ge=8, description="Width of the built model.")  # 4 x 256 Llama = 5.3M params, ~3.5k tok/s on 2 CPU threads
-    num_layers: int = Field(4, ge=1, description="Transformer blocks of the built model.")
-    num_heads: int = Field(4, ge=1, description="Attention heads of the built model; must divide hidden_size.")
-    intermediate_size: int = Field(688, ge=8, description="MLP width of the built model.")  # ~ 8/3 x hidden, Llama's ratio
-    max_position_embeddings: int = Field(1024, ge=8, description="Longest sequence the built model accepts; must be >= train.seq_len.")
-    seed: int = Field(0, description="Seed of the built model's initial weights.")
+from everlearn.learners.config import ModelConfig
 
 
 class Tokenizer:

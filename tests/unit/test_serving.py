@@ -10,7 +10,8 @@ import torch
 from starlette.requests import Request
 
 from everlearn.deploy.deployment import deploy_config
-from everlearn.deploy.serving import ServeConfig, build_app
+from everlearn.deploy.serve_config import ServeConfig
+from everlearn.deploy.serving import build_app
 from everlearn.errors import ServingError
 from everlearn.learners import CheckpointStore, Learner, ModelConfig, ScheduleConfig, TrainConfig
 from everlearn.learners.learner import weights_bytes
