@@ -4,8 +4,9 @@ Depends on ``everlearn.buffers`` only. Names are imported from their modules on 
 so reading a configuration does not load torch.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from everlearn.lazy import lazy_names
 
 _WHERE = {  # name -> the module that defines it, imported when the name is first used
     "CheckpointRef": "checkpoints",
@@ -40,14 +41,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """PEP 562: a part (torch, Ray Serve) is imported only when one of its names is used."""
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE, globals())  # PEP 562: torch / Ray Serve load on first use
 
 
 if TYPE_CHECKING:  # what type checkers and editors see
