@@ -76,7 +76,7 @@ writes docs/bench/daemon_throughput.md (tables, the command, the machine),
 docs/bench/daemon_throughput.json (every raw number, the per-step times) and,
 when matplotlib is importable, docs/bench/daemon_throughput.png. ``--quick``
 is a smoke run of a tiny model (hidden 64, 2 layers, seq_len 64, batch 8,
-1 thread, gates every 10 and checkpoints every 20 steps, W = 25, M = 20, one
+1 thread, 20 % held out, gates every 10 and checkpoints every 20 steps, W = 25, M = 20, one
 round, one shared Ray); its numbers are not the reference ones.
 """
 
@@ -130,7 +130,7 @@ class Setup:
 FULL = Setup([], 50, 100, 75, 100, 5, 60, False, quiet_below=0.15, max_outside=0.25, retries=2)
 QUICK = Setup(["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.intermediate_size=128",
                "model.max_position_embeddings=128", "train.seq_len=64", "train.batch_size=8", "train.torch_threads=1",
-               "source.poll_interval_s=0.2"], 10, 20, 25, 20, 3, 30, True)
+               "source.poll_interval_s=0.2", "holdout.fraction=0.2"], 10, 20, 25, 20, 3, 30, True)  # gates with evidence early
 
 
 # -- config ------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Held-out evaluation windows: documents no model trains on, for the gates.
 
-A document is held out when ``sha256(id)`` falls below ``fraction`` (stable
-across restarts and replicas). Its tokens, cut into windows of ``seq_len``,
+A document is held out when the hash of its text (``content_key``: whitespace runs
+collapsed) falls below ``fraction``: stable across restarts and replicas, and decided
+by what the document says, not by the id its producer chose, so the same text sent
+again under another id is held out again and never reaches training. Its tokens, cut into windows of ``seq_len``,
 enter the *fresh* window (the newest ``fresh_capacity`` windows); windows that
 age out of it enter the *old* reservoir, a uniform sample of everything older.
 """
@@ -22,16 +24,22 @@ class HoldoutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float = Field(0.05, ge=0, lt=1, description="Share of documents (by hash of their id) held out of training for the gates.")  # 5 %: enough evidence, little data lost to training
+    fraction: float = Field(0.05, ge=0, lt=1, description="Share of documents (by a hash of their text) held out of training for the gates.")  # 5 %: enough evidence, little data lost to training
     fresh_capacity: int = Field(32, ge=1, description="Newest held-out sequences that form the fresh window; older ones move to the old reservoir.")  # ~8 documents: recent enough to show a new domain
     old_capacity: int = Field(256, ge=1, description="Held-out sequences kept (uniformly) once they age out of the fresh window.")
     max_sequences_per_doc: int = Field(4, ge=1, description="A long held-out document contributes at most this many sequences.")  # keeps one document from filling the window
     seed: int = Field(0, description="Seed of the old reservoir.")
 
 
-def held_out(doc_id: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+def held_out(key: str, fraction: float) -> bool:
+    """Whether ``key`` hashes below ``fraction`` (the documents' share held out)."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return h < fraction * 2**64
+
+
+def content_key(text: str) -> str:
+    """What decides a document's hold-out: its text with whitespace runs collapsed (re-wrapped copies agree)."""
+    return " ".join(text.split())
 
 
 class HoldoutWindows:
@@ -41,8 +49,8 @@ class HoldoutWindows:
         self.fresh: deque[tuple[np.ndarray, str]] = deque()
         self.old = UniformReservoir(cfg.old_capacity, seq_len, seed=cfg.seed)
 
-    def is_held_out(self, doc_id: str) -> bool:
-        return held_out(doc_id, self.cfg.fraction)
+    def is_held_out(self, text: str) -> bool:
+        return held_out(content_key(text), self.cfg.fraction)
 
     def add(self, tokens: np.ndarray, domain: str) -> None:
         for i in range(0, min(len(tokens), self.seq_len * self.cfg.max_sequences_per_doc), self.seq_len):

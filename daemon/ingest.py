@@ -179,7 +179,7 @@ class IngestStage:
 
     def _accept(self, doc: Document, tokens) -> None:
         self.counters["documents"] += 1
-        if self.holdout.is_held_out(doc.id):
+        if self.holdout.is_held_out(doc.text):
             self.holdout.add(tokens, doc.domain)
             self.counters["held_out"] += 1
             self.metrics.documents_held_out.inc()

@@ -17,7 +17,7 @@ import pytest
 from everlearn.buffers import UniformReservoir
 from everlearn.buffers.persist import buffer_digest, from_files
 from everlearn.daemon import demo
-from everlearn.daemon.holdout import held_out
+from everlearn.daemon.holdout import content_key, held_out
 from everlearn.daemon.runstate import DAEMON_STATE, INGEST_META
 from everlearn.learners import CheckpointStore, build_tokenizer
 from everlearn.learners.model import ModelConfig
@@ -174,7 +174,7 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
     polled |= {doc_id for doc_id in docs if doc_id in spans or doc_id in pending}
     for doc_id in polled:
         n_tokens = len(tok.encode(docs[doc_id])) + 1  # + EOS
-        if held_out(doc_id, 0.15):
+        if held_out(content_key(docs[doc_id]), 0.15):
             assert doc_id not in spans, f"held-out document {doc_id} was trained on"
             continue
         covered = sorted(spans.get(doc_id, []))

@@ -102,7 +102,7 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
     for name in store._step_dirs():
         store.verify(store.ref(name))  # only whole checkpoints among them; partial writes were set aside
     # nothing lost: every document is trained (exactly once, contiguously) or held out, or still pending
-    from everlearn.daemon.holdout import held_out
+    from everlearn.daemon.holdout import content_key, held_out
     from everlearn.daemon.runstate import INGEST_META
     from everlearn.learners import ModelConfig, build_tokenizer
 
@@ -114,7 +114,7 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
             spans.setdefault(doc_id, []).append((start, end))
     tok = build_tokenizer(ModelConfig())
     for doc_id, text in docs:
-        if held_out(doc_id, HOLDOUT):
+        if held_out(content_key(text), HOLDOUT):
             continue
         pos = 0
         for start, end in sorted(spans.get(doc_id, [])):

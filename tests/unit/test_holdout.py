@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from everlearn.daemon.holdout import HoldoutConfig, HoldoutWindows, held_out
+from everlearn.daemon.holdout import HoldoutConfig, HoldoutWindows, content_key, held_out
 from everlearn.deploy import Evidence
 
 pytestmark = pytest.mark.unit
@@ -70,9 +70,19 @@ def test_config_bounds():
         HoldoutConfig(unknown=1)
 
 
-def test_is_held_out_uses_the_configured_fraction():
+def test_is_held_out_uses_the_configured_fraction_on_the_text():
     w = windows(fraction=0.25)
     assert [w.is_held_out(f"x{i}") for i in range(100)] == [held_out(f"x{i}", 0.25) for i in range(100)]
+
+
+def test_the_same_text_under_another_id_or_rewrapped_is_held_out_again():
+    w = windows(fraction=0.5)
+    texts = [f"a document about topic {i}, written once\nand sent twice" for i in range(200)]
+    held = [t for t in texts if w.is_held_out(t)]
+    assert 60 < len(held) < 140
+    assert all(w.is_held_out("  " + t.replace(" ", "\n  ").replace("\n", "  \t") + "\n") for t in held)  # re-wrapped copies
+    assert not any(w.is_held_out(t.replace(" ", "  ")) for t in texts if t not in held)
+    assert content_key(" a\n\tb  c ") == "a b c"
 
 
 # -- windows -------------------------------------------------------------------------

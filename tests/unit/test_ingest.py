@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
-from everlearn.daemon.holdout import held_out
+from everlearn.daemon.holdout import content_key, held_out
 from everlearn.daemon.ingest import IngestStage
 from everlearn.daemon.metrics import Metrics
 from everlearn.learners import ModelConfig, build_tokenizer
@@ -21,13 +21,15 @@ pytestmark = pytest.mark.unit
 
 SEQ, QUEUE, FRACTION = 16, 4, 0.3
 IDS = [f"doc-{i}" for i in range(24)]
-HELD = [i for i in IDS if held_out(i, FRACTION)]
-TRAINED = [i for i in IDS if not held_out(i, FRACTION)]
 
 
 def text(doc_id: str) -> str:
     n = int(doc_id.split("-")[1])
     return f"text of {doc_id}. " * (1 + n % 3)  # 17 to 54 bytes: windows cut across documents
+
+
+HELD = [i for i in IDS if held_out(content_key(text(i)), FRACTION)]  # membership by content, not by id
+TRAINED = [i for i in IDS if i not in HELD]
 
 
 def line(doc_id: str) -> bytes:
