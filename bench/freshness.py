@@ -51,7 +51,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import NO_PLOT, command_line, machine_info, pyplot, report  # noqa: E402  (bench/ is not a package)
-from kafka_ingest import start_tansu  # noqa: E402
+from kafka_ingest import start_tansu, stop_tansu  # noqa: E402
 
 TARGET_P50_S = 60.0
 QUICK = {"model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128},
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = run(args, tmp, bootstrap)
         result = analyse(out["sent"], out["seen"], out["run"])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_tansu(proc)
     res = {"command": command_line(), "quick": args.quick, "machine": info, "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
            "produce_seconds": args.seconds, "doc_bytes": args.doc_bytes, "config_overrides": out["config"], "result": result,
            "target_p50_s": TARGET_P50_S}

@@ -93,6 +93,16 @@ def _json(req: urllib.request.Request | str, timeout: float) -> Any:
         raise
 
 
+def healthz_status(url: str) -> int:
+    """The HTTP status /healthz answers on the daemon's metrics ``url`` (503 when degraded)."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
+
+
 def get_json(url: str, timeout: float = 5) -> Any:
     return _json(url, timeout)
 

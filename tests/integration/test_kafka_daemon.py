@@ -21,8 +21,6 @@ import os
 import random
 import signal
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
@@ -30,7 +28,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from everlearn.learners import CheckpointStore
-from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
+from tests.e2e.helpers import DaemonProcess, get_json, healthz_status, tiny_config, wait_for
 from tests.reliability.harness import (
     assert_nothing_lost,
     assert_only_verified_checkpoints,
@@ -44,15 +42,6 @@ pytestmark = pytest.mark.integration
 BAD = [b"{not json", b"\xff\xfe binary", b'{"id": "no-text"}', b"[1, 2, 3]", b'{"text": ' + b"[" * 100 + b"]" * 100 + b"}"]
 KILLS = 3
 PAUSE_S = 60
-
-
-def _healthz(url: str) -> int:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        e.close()
-        return e.code
 
 
 class Topic:
@@ -126,13 +115,13 @@ def test_kill_9_a_broker_restart_and_a_paused_broker_lose_nothing(persistent_kaf
         paused = time.monotonic()
         try:
             wait_for(lambda: status()["degraded"], 40, "degraded while the broker is paused", daemon)
-            assert _healthz(base) == 503
+            assert healthz_status(base) == 503
             time.sleep(max(0.0, PAUSE_S - (time.monotonic() - paused)))
             assert daemon.proc.poll() is None
         finally:
             broker.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: not status()["degraded"], 90, "healthy once the broker answers", daemon)
-        assert _healthz(base) == 200
+        assert healthz_status(base) == 200
         topic.produce(third)
         wait_for(lambda: status()["documents"] >= len(topic.good) and status()["dead_lettered"] >= len(BAD)
                  and status()["pending_tokens"] < 8 * 64, 180, "the whole topic trained on", daemon)

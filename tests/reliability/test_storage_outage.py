@@ -20,20 +20,11 @@ import s3fs
 import zstandard
 
 from everlearn.learners import CheckpointStore
-from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
+from tests.e2e.helpers import DaemonProcess, get_json, healthz_status, tiny_config, wait_for
 from tests.proxy import Proxy
 from tests.reliability.harness import HOLDOUT, events, jsonl, man_docs, surviving_lineage
 
 pytestmark = pytest.mark.reliability
-
-
-def _healthz(url: str) -> int:
-    try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        e.close()
-        return e.code
 
 
 def _metric(url: str, name: str) -> float:
@@ -71,18 +62,18 @@ def test_blackholes_and_resets_of_the_store_degrade_the_daemon_and_lose_nothing(
     daemon = DaemonProcess(config, log=tmp_path / "run.log")
     try:
         wait_for(lambda: get_json(f"{base}/status")["step"] >= 10, 240, "training with checkpoints on s3", daemon)
-        assert _healthz(base) == 200
+        assert healthz_status(base) == 200
         for mode in ("blackhole", "reset"):
             proxy.set(mode)
             wait_for(lambda: get_json(f"{base}/status")["degraded"], 60, f"degraded while the store is {mode}", daemon)
-            assert _healthz(base) == 503
+            assert healthz_status(base) == 503
             if mode == "blackhole":  # another client uploads (compressed) while the daemon cannot reach the store
                 direct.pipe(f"{bucket}/stream/01-man.jsonl.gz", gzip.compress(_jsonl_bytes(later)))
             time.sleep(4)
             assert daemon.proc.poll() is None
             proxy.set("up")
             wait_for(lambda: not get_json(f"{base}/status")["degraded"], 90, "healthy once the store is back", daemon)
-            assert _healthz(base) == 200
+            assert healthz_status(base) == 200
         assert _metric(base, "everlearn_checkpoint_failures_total") >= 1
         assert _metric(base, "everlearn_source_errors_total") >= 1
         direct.pipe(f"{bucket}/stream/02-man.jsonl.zst", zstandard.ZstdCompressor().compress(_jsonl_bytes(last)))
