@@ -1,8 +1,9 @@
-"""``everlearn``: run | status | validate."""
+"""``everlearn``: run | status | validate | rollback | promote | pause | resume | gates explain."""
 
 import argparse
 import json
 import sys
+import urllib.error
 import urllib.request
 
 from everlearn.errors import EverlearnError
@@ -37,13 +38,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_status(args) -> int:
+def _daemon_url(args, cfg=None) -> str:
     if args.url:
-        url = args.url
-    else:
-        cfg = _config(args)
-        host = "127.0.0.1" if cfg.metrics.host in ("0.0.0.0", "") else cfg.metrics.host
-        url = f"http://{host}:{cfg.metrics.port}"
+        return args.url.rstrip("/")
+    cfg = cfg or _config(args)
+    host = "127.0.0.1" if cfg.metrics.host in ("0.0.0.0", "") else cfg.metrics.host
+    return f"http://{host}:{cfg.metrics.port}"
+
+
+def cmd_status(args) -> int:
+    url = _daemon_url(args)
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as r:
             status = json.loads(r.read())
@@ -60,6 +64,84 @@ def cmd_status(args) -> int:
             print(f"  {key}: {status.get(key)}")
         if status.get("last_gate"):
             print(f"  last gate: {status['last_gate'].get('reason')}")
+    return 0
+
+
+def _admin(args, action: str, body: dict) -> int:
+    """POST one admin action to the daemon with its bearer token; prints the answer."""
+    from everlearn.daemon.admin import TOKEN_ENV, resolve_token
+
+    cfg = _config(args)
+    url = _daemon_url(args, cfg)
+    if args.token_file:
+        cfg.admin.token_file = args.token_file
+    token = resolve_token(cfg.admin, cfg.run_dir)
+    if token is None:
+        print(f"no admin token: set {TOKEN_ENV}, pass --token-file, or run this where <run_dir>/admin.token is "
+              f"({cfg.run_dir}/admin.token is absent)", file=sys.stderr)
+        return 2
+    req = urllib.request.Request(f"{url}/admin/{action}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=cfg.admin.action_timeout_s + 10) as r:
+            answer, code = json.loads(r.read()), r.status
+    except urllib.error.HTTPError as e:
+        answer, code = json.loads(e.read() or b"{}"), e.code
+    except OSError as e:
+        print(f"no everlearn daemon answers at {url} ({e}); is it running? (`everlearn run`, or pass --url)", file=sys.stderr)
+        return 1
+    if code != 200:
+        print(f"everlearn {action}: refused ({code}): {answer.get('error', answer)}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2, default=str))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    return _admin(args, "rollback", {"version": args.version, **({"reason": args.reason} if args.reason else {})})
+
+
+def cmd_promote(args) -> int:
+    return _admin(args, "promote", {"step": args.step, **({"reason": args.reason} if args.reason else {})})
+
+
+def cmd_pause(args) -> int:
+    return _admin(args, "pause", {"reason": args.reason} if args.reason else {})
+
+
+def cmd_resume(args) -> int:
+    return _admin(args, "resume", {})
+
+
+def cmd_gates_explain(args) -> int:
+    """Print the audit records of one version (its promotion, and any revert or rollback of it) or one step's judgement."""
+    from pathlib import Path
+
+    from everlearn.deploy.audit import AuditLog
+    from everlearn.deploy.explain import explain
+
+    cfg = _config(args)
+    path = Path(args.audit or Path(cfg.run_dir) / "audit.jsonl")
+    if not path.exists():
+        print(f"no audit log at {path}; pass the run's config (-c) or --audit PATH", file=sys.stderr)
+        return 1
+    records = AuditLog(path).read()
+    if args.step is not None:
+        chosen = [r for r in records if r.get("step") == args.step and "metrics" in r]
+        what = f"step {args.step}"
+    else:
+        keys = ("promoted_version", "reverted_version", "rolled_back_from", "serving_version")
+        chosen = [r for r in records if r.get("promoted_version") == args.version
+                  or (r.get("verdict") in ("reverted", "rolled_back") and args.version in (r.get(k) for k in keys))]
+        what = f"version {args.version}"
+    if not chosen:
+        versions = sorted({r["promoted_version"] for r in records if isinstance(r.get("promoted_version"), int)})
+        print(f"the audit log {path} has no decision about {what}; promoted versions: {versions[-30:]}"
+              " (a rejected candidate is found by --step)", file=sys.stderr)
+        return 1
+    for record in chosen:
+        print(json.dumps(record, indent=2, default=str) if args.json else explain(record))
+        print()
     return 0
 
 
@@ -86,11 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     common(v)
     v.add_argument("--show", action="store_true", help="print the resolved configuration")
     v.set_defaults(func=cmd_validate)
+
+    def admin(name: str, help: str):
+        sp = sub.add_parser(name, help=help, epilog="Needs the admin token: EVERLEARN_ADMIN_TOKEN, --token-file, admin.token_file "
+                                                      "or <run_dir>/admin.token (written by the daemon at start).")
+        common(sp)
+        sp.add_argument("--url", help="the daemon's URL (default: from the config's metrics host and port)")
+        sp.add_argument("--token-file", help="file holding the admin token")
+        sp.add_argument("--reason", help="why (recorded in the audit log and events)")
+        return sp
+
+    rb = admin("rollback", "serve an earlier promoted version again (its exact weights)")
+    rb.add_argument("version", nargs="?", type=int, default=None, help="the version to serve (default: the one before the served one)")
+    rb.set_defaults(func=cmd_rollback)
+    pr = admin("promote", "serve the committed checkpoint of STEP now, without the gates (audited as manual)")
+    pr.add_argument("step", type=int, help="the step of a committed checkpoint")
+    pr.set_defaults(func=cmd_promote)
+    admin("pause", "pause training (serving keeps answering; survives restarts until resume)").set_defaults(func=cmd_pause)
+    admin("resume", "resume training after a pause").set_defaults(func=cmd_resume)
+
+    g = sub.add_parser("gates", help="what the gates decided")
+    gsub = g.add_subparsers(dest="gates_command", required=True)
+    ex = gsub.add_parser("explain", help="print the audit record(s) of VERSION (or --step) with every number the gates used")
+    common(ex)
+    ex.add_argument("version", nargs="?", type=int, help="a promoted version number")
+    ex.add_argument("--step", type=int, help="the candidate step instead (rejected candidates have no version)")
+    ex.add_argument("--audit", help="the audit log (default: <run_dir>/audit.jsonl)")
+    ex.add_argument("--json", action="store_true", help="print the raw records")
+    ex.set_defaults(func=cmd_gates_explain)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "gates" and args.version is None and args.step is None:
+        parser.error("gates explain needs a VERSION or --step")
     try:
         return args.func(args)
     except EverlearnError as e:

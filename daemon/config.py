@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from everlearn.buffers import BufferConfig
 from everlearn.buffers.config import PROBLEM_SEPARATOR
+from everlearn.daemon.admin import TOKEN_ENV, AdminConfig
 from everlearn.daemon.holdout import HoldoutConfig
 from everlearn.daemon.kafka_config import KafkaConfig, is_kafka, parse_url
 from everlearn.deploy import GateConfig, ServeConfig
@@ -23,7 +24,7 @@ from everlearn.errors import ConfigError
 from everlearn.learners import ModelConfig, ScheduleConfig, TrainConfig
 
 ENV_PREFIX = "EVERLEARN_"
-NOT_CONFIG = {"EVERLEARN_FAILPOINTS"}  # EVERLEARN_ variables that are not config fields (everlearn/failpoints.py)
+NOT_CONFIG = {"EVERLEARN_FAILPOINTS", TOKEN_ENV}  # EVERLEARN_ variables that are not config fields (everlearn/failpoints.py, daemon/admin.py)
 
 
 class _Section(BaseModel):
@@ -67,6 +68,7 @@ class CheckpointConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for the checkpoint URL.")
     every_steps: int = Field(100, ge=1, description="Checkpoint every this many steps (also before every gate judgement and at stop).")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints kept besides the served one; older ones are swept.")
+    keep_promoted: int = Field(3, ge=1, description="Earlier promoted versions whose checkpoints are kept (besides keep_last) so that `everlearn rollback` can go back to them.")  # a few steps back covers a regression noticed late; each costs one checkpoint of storage
     io_timeout_s: float = Field(60.0, gt=0, description="A storage call that has not finished after this long (plus 1 s per 8 MiB it sends) fails and is retried; a blackholed connection never holds the run.")
 
 
@@ -119,6 +121,7 @@ class Config(_Section):
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description=MetricsConfig.__doc__)
+    admin: AdminConfig = Field(default_factory=AdminConfig, description=AdminConfig.__doc__)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig, description=SupervisionConfig.__doc__)
     demo: DemoConfig = Field(default_factory=DemoConfig, description=DemoConfig.__doc__)
     log: LogConfig = Field(default_factory=LogConfig, description=LogConfig.__doc__)

@@ -1,5 +1,8 @@
 """The daemon's own HTTP endpoint: ``/metrics`` (Prometheus), ``/status`` (JSON), ``/healthz``.
 
+``POST /admin/<action>`` is the operator API (daemon/admin.py): authenticated
+there, carried out by the supervisor's loop.
+
 ``/healthz`` answers 200 while the daemon is healthy and 503 with the reasons
 while it is degraded (a component failing for longer than
 ``supervision.degraded_after_s``): a liveness or readiness probe sees the
@@ -14,10 +17,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from everlearn.daemon.admin import MAX_BODY
+
 
 class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
-                 health: Callable[[], list[str]] = list):
+                 health: Callable[[], list[str]] = list,
+                 admin: Callable[[str, bytes, str | None], tuple[int, dict[str, Any]]] | None = None):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,9 +40,24 @@ class StatusServer:
                 else:
                     self._send(404, b'{"error": "try /metrics, /status or /healthz"}', "application/json")
 
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0].rstrip("/")
+                if not path.startswith("/admin/") or outer.admin is None:
+                    self._send(404, b'{"error": "POST goes to /admin/<action> (rollback, promote, pause, resume)"}', "application/json")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    self._send(413, json.dumps({"error": f"admin bodies are at most {MAX_BODY} bytes"}).encode(), "application/json")
+                    return
+                code, answer = outer.admin(path.removeprefix("/admin/"), self.rfile.read(length), self.headers.get("Authorization"))
+                self._send(code, json.dumps(answer, default=str).encode(), "application/json",
+                           {"WWW-Authenticate": 'Bearer realm="everlearn-admin"'} if code == 401 else None)
+
+            def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -47,6 +68,7 @@ class StatusServer:
         self.registry = registry
         self.status = status
         self.health = health
+        self.admin = admin
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]

@@ -93,6 +93,9 @@ class Metrics:
                                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.promotions = Counter(f"{PREFIX}_promotions", "Versions promoted into serving.", registry=r)
         self.promotions_reverted = Counter(f"{PREFIX}_promotions_reverted", "Promotions undone because serving could not load the version.", registry=r)
+        self.serving_rollbacks = Counter(f"{PREFIX}_serving_rollbacks", "Rollbacks of serving to an earlier promoted version, by trigger (manual: the admin API; auto: post-swap monitoring).", ["trigger"], registry=r)
+        self.admin_calls = Counter(f"{PREFIX}_admin_calls", "Admin API calls, by action and HTTP status (401/403: refused credentials).", ["action", "code"], registry=r)
+        self.paused = Gauge(f"{PREFIX}_training_paused", "1 while training is paused by an operator (everlearn pause).", registry=r)
         self.swap_seconds = Histogram(f"{PREFIX}_swap_seconds", "Promotion until serving answered with the new version.", registry=r,
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.served_version = Gauge(f"{PREFIX}_served_version", "Version the serving deployment holds.", registry=r)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from everlearn.buffers.persist import buffer_digest
+from everlearn.daemon.admin import AdminEndpoint, AdminQueue, resolve_token
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.demo import seed_if_empty
@@ -27,6 +28,7 @@ from everlearn.daemon.http import StatusServer
 from everlearn.daemon.ingest import IngestStage
 from everlearn.daemon.lease import RunLease
 from everlearn.daemon.metrics import Metrics
+from everlearn.daemon.operator import Operator, read_paused
 from everlearn.daemon.progress import Progress
 from everlearn.daemon.runstate import RunState
 from everlearn.daemon.runtime import StopSignals, start_ray, stop_ray
@@ -76,6 +78,9 @@ class Daemon:
         self.checkpoint_failing: str | None = None
         self._restart_backoff = Backoff(cfg.supervision.restart_backoff_s, cfg.supervision.backoff_max_s)
         self.rate = Rate(clock)
+        self.admin = AdminQueue(cfg.admin.action_timeout_s)
+        self.paused: dict[str, Any] | None = read_paused(self.run_dir)
+        self.metrics.paused.set(1 if self.paused else 0)
         self._ray_owned = False
 
     def status(self) -> dict[str, Any]:
@@ -102,7 +107,11 @@ class Daemon:
     def _open(self) -> None:
         cfg = self.cfg
         try:
-            self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status, self.health).start()
+            admin = None
+            if cfg.admin.enabled:
+                token = resolve_token(cfg.admin, self.run_dir, create=True)
+                admin = AdminEndpoint(token, self.admin, lambda action, code: self.metrics.admin_calls.labels(action, str(code)).inc())
+            self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status, self.health, admin).start()
         except OSError as e:
             raise ConfigError(f"cannot listen on metrics.host:metrics.port = {cfg.metrics.host}:{cfg.metrics.port} ({e}); "
                               "is another daemon running? Set metrics.port to a free port (0 picks one)") from e
@@ -150,6 +159,7 @@ class Daemon:
         self._checkpoint(retry_s=max(1.0, deadline + self.cfg.supervision.stop_grace_s / 2 - self.clock()), required=True)
 
     def _close(self) -> None:
+        self.admin.fail_pending("the daemon is stopping; the action was not carried out")
         self.progress.close()
         self.ingest.close()
         for stage in (self.judge, self.train):
@@ -170,7 +180,13 @@ class Daemon:
         while not self.stop_event.is_set() and (max_steps is None or taken < max_steps):
             if self.lease.lost:
                 raise EverlearnError(f"{self.lease.lost}; stopping so that two daemons never write one run")
+            self.admin.run_pending(Operator(self))
             self._collect()
+            if self.paused is not None:
+                self.state = f"paused: {self.paused.get('reason')}"
+                self.progress.update(self.status())
+                self.stop_event.wait(0.1)
+                continue
             t0 = self.clock()
             windows = self.ingest.take(self.train.n_fresh(), timeout=min(self.cfg.source.poll_interval_s, 0.5))
             self.metrics.train_wait_seconds.inc(self.clock() - t0)
@@ -224,7 +240,7 @@ class Daemon:
         """Commit a checkpoint of the whole run at the current step; None when storage stayed down."""
         if not force and self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint
-        protect = self.promote.protect() | ({self.judge.pending.name} if self.judge.pending else set())
+        protect = self.promote.protect(self.cfg.checkpoint.keep_promoted) | ({self.judge.pending.name} if self.judge.pending else set())
         daemon = {"counters": self.counters, "served": self.promote.served, "judge": self.judge.state_dict()}
         sv = self.cfg.supervision
         try:

@@ -90,6 +90,7 @@ def compose_status(d) -> dict[str, Any]:
         "resumed_from_step": d.resumed_from.step if d.resumed_from else None,
         "degraded": d.health(),
         "restarts": dict(d.restarts),
+        "paused": d.paused,
         **d.ingest.status(),
         **d.counters,
     }

@@ -17,12 +17,14 @@ before, serving swaps back, and the audit says why.
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from everlearn import failpoints
 from everlearn.deploy.audit import AuditLog
 from everlearn.deploy.deployment import Server
+from everlearn.deploy.gates import GateResult
 from everlearn.deploy.judge import Judgement
 from everlearn.deploy.serve_config import ServeConfig
 from everlearn.errors import CheckpointError, ServingError, StorageUnavailable
@@ -97,10 +99,14 @@ class PromoteStage:
     def _settle_audit(self, decision: dict[str, Any] | None) -> None:
         """Append the promotion record that a crash between SERVED.json and the audit lost."""
         version = self.served.get("version")
-        if not version:
+        if not version and not (decision and decision.get("decision_id")):  # version 0 is the initial one, unless rolled back to
             return
-        done = any(r.get("promoted_version") == version or (r.get("verdict") == "reverted" and r.get("reverted_version") == version)
-                   for r in self.audit.tail())
+        tail = self.audit.tail()
+        if decision and decision.get("decision_id"):  # a rollback or manual promotion: its own record, by id
+            done = any(r.get("decision_id") == decision["decision_id"] for r in tail)
+        else:
+            done = any(r.get("promoted_version") == version or (r.get("verdict") == "reverted" and r.get("reverted_version") == version)
+                       for r in tail)
         if not done:
             record = dict(decision or {"verdict": "promoted", "step": self.served.get("step")})
             record.update(promoted_version=version, recovered=True)
@@ -110,7 +116,7 @@ class PromoteStage:
     def _fall_back(self) -> None:
         bad = self.served
         for record in self.history:
-            if self._verifies(record):
+            if not record.get("rolled_back") and self._verifies(record):  # never fall back onto a version an operator rolled back
                 self.served = {k: record[k] for k in RECORD_KEYS if k in record}
                 self.history = [r for r in self.history if r is not record]
                 reason = f"served version {bad.get('version')} ({bad.get('uri')}) no longer verifies"
@@ -122,10 +128,66 @@ class PromoteStage:
         raise CheckpointError(f"served version {bad.get('version')} at {bad.get('uri')} does not verify and no earlier "
                               "promoted version does; restore the checkpoint, or start a new run_dir")
 
-    def protect(self) -> set[str]:
-        """Checkpoints the store must keep: the served version and the one a revert would go back to."""
-        names = {self.served.get("name")} | {r.get("name") for r in self.history[:1]}
+    def protect(self, keep_promoted: int = 1) -> set[str]:
+        """Checkpoints the store must keep: the served version and the ``keep_promoted`` versions before it
+        (a revert goes back to the first; ``everlearn rollback`` may go back to any of them)."""
+        names = {self.served.get("name")} | {r.get("name") for r in self.history[: max(1, keep_promoted)]}
         return {n for n in names if n}
+
+    # -- operator actions (daemon/admin.py) ---------------------------------------
+    def rollback(self, version: int | None, reason: str, trigger: str = "manual") -> dict[str, Any]:
+        """Serve an earlier promoted version again (its exact weights: same checkpoint, same manifest sha256).
+
+        ``version`` None: the newest promoted version older than the served one. The served
+        version moves into the history, so rolling back to it later is possible too.
+        """
+        target = self._rollback_target(version)
+        if not self._verifies(target):
+            raise LookupError(f"version {target['version']}'s checkpoint {target.get('uri')} no longer verifies (swept or damaged); "
+                              "roll back to another version (raise checkpoint.keep_promoted to keep more of them)")
+        previous = dict(self.served)
+        self.served = {k: target[k] for k in RECORD_KEYS if k in target}
+        self.history = [{**previous, "rolled_back": True}, *(r for r in self.history if r is not target)][:HISTORY]
+        record = {"verdict": "rolled_back", "trigger": trigger, "decision_id": uuid.uuid4().hex, "rolled_back_from": previous["version"],
+                  "serving_version": self.served["version"], "step": self.served.get("step"), "candidate": CheckpointRef.from_dict(self.served).to_dict(),
+                  "manifest_sha256": self.served.get("manifest_sha256"), "reason": reason}
+        self._write(decision=record)  # the commit point, as for a promotion
+        self.audit.append(record)
+        self.metrics.serving_rollbacks.labels(trigger).inc()
+        self.events("rolled_back", version=previous["version"], to=self.served["version"], trigger=trigger, reason=reason[:300])
+        self.publish()
+        if self.server is not None:
+            try:
+                record["swap_seconds"] = round(self.server.swap(self.served), 4)
+            except ServingError as e:
+                self._revert(previous, str(e))
+                record["reverted"] = True
+        return record
+
+    def promote_manual(self, ref: CheckpointRef, reason: str) -> dict[str, Any]:
+        """Serve the committed checkpoint ``ref`` without a judgement (an operator's decision, audited as such)."""
+        if ref.manifest_sha256 == self.served.get("manifest_sha256"):
+            raise ValueError(f"checkpoint {ref.name} is already serving as version {self.served['version']}")
+        j = Judgement(ref.step, ref, dict(self.served), "promoted", GateResult(True, f"manual promotion: {reason}"))
+        record = {"step": ref.step, "candidate": ref.to_dict(), "serving": CheckpointRef.from_dict(self.served).to_dict(),
+                  "serving_version": self.served["version"], "verdict": "promoted", "passed": True, "manual": True,
+                  "reason": j.result.reason, "metrics": {}, "decision_id": uuid.uuid4().hex}
+        return self.promote(j, record)
+
+    def _rollback_target(self, version: int | None) -> dict[str, Any]:
+        served = self.served.get("version")
+        known = sorted({int(r["version"]) for r in self.history if "version" in r})
+        if version is None:
+            older = [r for r in self.history if int(r.get("version", -1)) < served]
+            if not older:
+                raise LookupError(f"no promoted version older than the served version {served} is remembered; nothing to roll back to")
+            return max(older, key=lambda r: int(r["version"]))
+        if version == served:
+            raise ValueError(f"version {version} is already serving")
+        for r in self.history:
+            if int(r.get("version", -1)) == version:
+                return r
+        raise LookupError(f"version {version} is not among the remembered promoted versions {known}; pick one of them")
 
     # -- serving -----------------------------------------------------------------
     def start_serving(self) -> None:
