@@ -21,7 +21,7 @@ from typing import Any
 
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
-from everlearn.daemon.holdout import HoldoutWindows
+from everlearn.daemon.holdout import HoldoutWindows, document_key
 from everlearn.daemon.kafka_config import is_kafka
 from everlearn.daemon.metrics import Metrics
 from everlearn.daemon.records import Document, RawRecord, Rejection, decode
@@ -43,7 +43,7 @@ class IngestStage:
         self.quarantined = quarantined if quarantined is not None else set()  # doc ids whose batch went non-finite
         self.clock = clock
         self.source = self._build_source()
-        self.holdout = HoldoutWindows(cfg.holdout, cfg.train.seq_len)
+        self.holdout = HoldoutWindows(cfg.holdout, cfg.train.seq_len, probes=cfg.gate.probe_sequences)
         self.packer = TokenPacker(cfg.train.seq_len, tokenizer.eos_id)
         self.counters = {"documents": 0, "held_out": 0, "dead_lettered": 0}
         self.high_water = cfg.train.queue_windows * cfg.train.seq_len
@@ -180,7 +180,7 @@ class IngestStage:
     def _accept(self, doc: Document, tokens) -> None:
         self.counters["documents"] += 1
         if self.holdout.is_held_out(doc.text):
-            self.holdout.add(tokens, doc.domain)
+            self.holdout.add(tokens, doc.domain, document_key(doc.text))
             self.counters["held_out"] += 1
             self.metrics.documents_held_out.inc()
         else:
@@ -210,17 +210,19 @@ class IngestStage:
     def status(self) -> dict[str, Any]:
         with self._cv:
             return {**self.counters, "pending_tokens": self.packer.pending_tokens,
-                    "holdout": {"fresh": len(self.holdout.fresh), "old": len(self.holdout.old)}}
+                    "holdout": {"fresh": len(self.holdout.fresh), "old": len(self.holdout.old),
+                                "old_domains": len(self.holdout.old.reservoirs), "probes": len(self.holdout.probes)}}
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """One consistent cut: arrays (pending tokens, fresh held-out window), the old reservoir, the rest as JSON."""
+        """One consistent cut: arrays (pending tokens, fresh held-out window, probes), the old reservoirs, the rest as JSON."""
         with self._cv:
             packer, holdout = self.packer.state_dict(), self.holdout.state_dict()
             self._cut_position = self._position
             return {
                 "arrays": {**{f"pending_{k}": v for k, v in packer["arrays"].items()},
-                           **{f"fresh_{k}": v for k, v in holdout["fresh"]["arrays"].items()}},
+                           **{f"fresh_{k}": v for k, v in holdout["fresh"]["arrays"].items()},
+                           **{f"probe_{k}": v for k, v in holdout["probes"]["arrays"].items()}},
                 "meta": {"source": {"url": self.cfg.source.url, "position": self._position}, "packer": packer["meta"],
                          "holdout_fresh": holdout["fresh"]["meta"], "counters": dict(self.counters)},
                 "holdout_old": holdout["old"],
@@ -230,16 +232,22 @@ class IngestStage:
         """Restore a cut taken by ``state_dict`` (call while the thread is stopped)."""
         if "legacy" in state:  # a checkpoint of format 1: token lists inside daemon.json
             meta = state["legacy"]
-            packer, fresh = meta["packer"], meta["holdout_fresh"]
+            packer, fresh, probes = meta["packer"], meta["holdout_fresh"], None
         else:
             arrays, meta = state["arrays"], state["meta"]
             packer = {"arrays": {"tokens": arrays["pending_tokens"], "lengths": arrays["pending_lengths"]}, "meta": meta["packer"]}
-            fresh = {"arrays": {"tokens": arrays["fresh_tokens"], "lengths": arrays["fresh_lengths"]}, "meta": meta["holdout_fresh"]}
+            fresh = {"arrays": _prefixed(arrays, "fresh_"), "meta": meta["holdout_fresh"]}
+            probes = {"arrays": _prefixed(arrays, "probe_")} if "probe_tokens" in arrays else None  # none before probes
         with self._cv:
             self.packer.load_state_dict(packer)
-            self.holdout.load_state_dict({"fresh": fresh, "old": state["holdout_old"]})
+            self.holdout.load_state_dict({"fresh": fresh, "old": state["holdout_old"], "probes": probes})
             if not isinstance(self.source, KafkaSource):  # a Kafka consumer stays in its group: it only seeks
                 self.source = self._build_source()
             self.source.seek(meta["source"]["position"])
             self._position = self.source.position()
             self.counters.update(meta.get("counters", {}))
+
+
+def _prefixed(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The arrays named ``prefix<name>``, by ``name``."""
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -89,6 +89,10 @@ class Metrics:
         # judge and promote
         self.gate_decisions = Counter(f"{PREFIX}_gate_decisions", "Gate judgements by verdict (promoted, rejected, skipped, failed).", ["verdict"], registry=r)
         self.gate_loss = Gauge(f"{PREFIX}_gate_loss", "Held-out losses at the last judgement (nats per token).", ["model", "window"], registry=r)
+        self.gate_improvement_lower = Gauge(f"{PREFIX}_gate_improvement_lower_bound", "Lower confidence bound of the last judged candidate's improvement on the fresh window (1 - candidate / serving loss).", registry=r)
+        self.gate_forgetting_upper = Gauge(f"{PREFIX}_gate_forgetting_upper_bound", "Upper confidence bound of the last judged candidate's forgetting on all old windows (candidate / reference loss - 1), by reference (serving, anchor).", ["reference"], registry=r)
+        self.gate_kl = Gauge(f"{PREFIX}_gate_kl", "Mean per-token KL(serving || candidate) of next-token distributions on the probe sequences at the last judgement (nats).", registry=r)
+        self.gate_failures = Counter(f"{PREFIX}_gate_failures", "Candidates refused or skipped, by the first gate that failed (evidence, sanity, improvement, forgetting, anchor, behaviour, generation).", ["gate"], registry=r)
         self.judge_seconds = Histogram(f"{PREFIX}_judge_seconds", "Time from submitting a candidate to the evaluator to its verdict.", registry=r,
                                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.promotions = Counter(f"{PREFIX}_promotions", "Versions promoted into serving.", registry=r)

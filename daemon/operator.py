@@ -82,7 +82,10 @@ class Operator:
             raise AdminError(404, f"no committed checkpoint at step {step}; committed steps: {sorted(refs)[-20:]}")
         try:
             d.store.verify(ref)
-            return d.promote.promote_manual(ref, reason)
+            record = d.promote.promote_manual(ref, reason)
+            if record.get("verdict") == "promoted" and not record.get("reverted"):  # it serves: the anchor policy counts it
+                d.judge.promoted(d.promote.served)
+            return record
         except ValueError as e:
             raise AdminError(409, str(e)) from None
         except CheckpointError as e:

@@ -240,7 +240,7 @@ class Daemon:
         """Commit a checkpoint of the whole run at the current step; None when storage stayed down."""
         if not force and self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
             return self.last_checkpoint
-        protect = self.promote.protect(self.cfg.checkpoint.keep_promoted) | ({self.judge.pending.name} if self.judge.pending else set())
+        protect = self.promote.protect(self.cfg.checkpoint.keep_promoted) | self.judge.protect()  # judge: the anchor, the candidate
         daemon = {"counters": self.counters, "served": self.promote.served, "judge": self.judge.state_dict()}
         sv = self.cfg.supervision
         try:
@@ -280,6 +280,8 @@ class Daemon:
         record = j.audit_record(self.cfg.gate)
         if j.verdict == "promoted":
             record = self.promote.promote(j, record)
+            if record.get("verdict") == "promoted" and not record.get("reverted"):  # it serves: the anchor policy counts it
+                self.judge.promoted(self.promote.served)
         else:
             self.promote.audit.append(record)
         self.progress.event("gate", verdict=j.verdict, step=j.step, reason=j.result.reason)

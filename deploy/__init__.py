@@ -10,17 +10,18 @@ from everlearn.lazy import lazy_names
 
 _WHERE = {  # name -> the module that defines it, imported when the name is first used
     "AuditLog": "audit",
+    "ConfidenceGate": "verdict",
     "Evidence": "gates",
     "Gate": "gates",
     "GateConfig": "gates",
     "GateResult": "gates",
     "LanguageModelServer": "serving",
-    "LossGate": "gates",
+    "Measurements": "gates",
     "ServeConfig": "serve_config",
     "Server": "deployment",
 }
 __all__ = [
-    "AuditLog", "Evidence", "Gate", "GateConfig", "GateResult", "LanguageModelServer", "LossGate",
+    "AuditLog", "ConfidenceGate", "Evidence", "Gate", "GateConfig", "GateResult", "LanguageModelServer", "Measurements",
     "ServeConfig", "Server",
 ]
 
@@ -31,6 +32,7 @@ __getattr__ = lazy_names(__name__, _WHERE, globals())  # PEP 562: torch / Ray Se
 if TYPE_CHECKING:  # what type checkers and editors see
     from everlearn.deploy.audit import AuditLog
     from everlearn.deploy.deployment import Server
-    from everlearn.deploy.gates import Evidence, Gate, GateConfig, GateResult, LossGate
+    from everlearn.deploy.gates import Evidence, Gate, GateConfig, GateResult, Measurements
     from everlearn.deploy.serve_config import ServeConfig
     from everlearn.deploy.serving import LanguageModelServer
+    from everlearn.deploy.verdict import ConfidenceGate

@@ -130,7 +130,8 @@ def test_learns_promotes_swaps_and_resumes_exactly(tmp_path, port_factory):
     # every decision is audited; served version = last promotion
     audit = [json.loads(line) for line in (run / "audit.jsonl").read_text().splitlines()]
     promoted = [a for a in audit if a["verdict"] == "promoted"]
-    assert promoted and all(a["metrics"]["candidate_fresh_loss"] <= a["metrics"]["fresh_bound"] for a in promoted)
+    assert promoted and all(a["metrics"]["improvement"]["lower"] >= a["config"]["min_improvement"] for a in promoted)
+    assert all(g["passed"] for a in promoted for g in a["metrics"]["gates"])
     assert promoted[-1]["promoted_version"] >= after["version"]
 
     # the stop checkpointed at the step it stopped on

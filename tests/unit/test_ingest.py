@@ -310,7 +310,8 @@ def test_the_state_holds_int32_token_arrays_and_json_meta(make, tmp_path):
     s = make()
     poll_all(s.stage)
     state = s.stage.state_dict()
-    assert set(state["arrays"]) == {"pending_tokens", "pending_lengths", "fresh_tokens", "fresh_lengths"}
+    assert set(state["arrays"]) == {"pending_tokens", "pending_lengths", "fresh_tokens", "fresh_lengths", "fresh_documents",
+                                    "probe_tokens", "probe_lengths"}
     for name in ("pending_tokens", "fresh_tokens"):
         assert isinstance(state["arrays"][name], np.ndarray) and state["arrays"][name].dtype == np.int32
     assert len(state["arrays"]["pending_tokens"]) == s.stage.packer.pending_tokens
@@ -340,7 +341,8 @@ def test_a_new_stage_loaded_from_the_state_continues_exactly(make, tmp_path):
     assert doc_order(before + after) == doc_order(reference) == TRAINED
     assert [w.lineage for w in before + after] != []
     assert second.stage.status() == whole.stage.status()
-    assert [(t.tolist(), d) for t, d in second.stage.holdout.fresh] == [(t.tolist(), d) for t, d in whole.stage.holdout.fresh]
+    assert [(t.tolist(), d, k) for t, d, k in second.stage.holdout.fresh] == [(t.tolist(), d, k) for t, d, k in whole.stage.holdout.fresh]
+    assert [p.tolist() for p in second.stage.holdout.probes] == [p.tolist() for p in whole.stage.holdout.probes]
     assert second.stage.packer.pending_tokens == whole.stage.packer.pending_tokens
 
 
@@ -363,7 +365,7 @@ def test_a_legacy_state_loads(make, tmp_path):
     s = make()
     s.stage.load_state_dict({"legacy": json.loads(json.dumps(legacy)), "holdout_old": probe.stage.holdout.old.state_dict()})
     assert s.stage.packer.pending_tokens == len(pending)
-    assert [(t.tolist(), d) for t, d in s.stage.holdout.fresh] == [([20, 21, 22], "default")]
+    assert [(t.tolist(), d) for t, d, _ in s.stage.holdout.fresh] == [([20, 21, 22], "default")]
     st = s.stage.status()
     assert (st["documents"], st["held_out"], st["dead_lettered"]) == (k, 1, 2)
     poll_all(s.stage)  # reads on from the offset: documents k.. only

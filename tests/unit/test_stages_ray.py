@@ -171,7 +171,7 @@ def _checkpoints(tmp_path, fresh: np.ndarray) -> tuple[CheckpointStore, dict, di
 
 def test_judge_stage_skips_gives_verdicts_and_fails_when_its_evaluator_dies(tmp_path):
     rec = Recorder()
-    cfg = GateConfig(min_fresh_sequences=4, timeout_s=120, max_eval_sequences=8)
+    cfg = GateConfig(min_fresh_sequences=4, min_fresh_documents=4, min_fresh_tokens=40, timeout_s=120, max_eval_sequences=8)
     rng = np.random.default_rng(1)
     # both windows from one small vocabulary: what the candidate learns on fresh helps on old too
     fresh = rng.integers(3, 11, (6, SEQ)).astype(np.int32)
@@ -183,20 +183,23 @@ def test_judge_stage_skips_gives_verdicts_and_fails_when_its_evaluator_dies(tmp_
     judge = JudgeStage(cfg, MODEL, {}, rec.metrics, rec.event, eval_batch_size=8)
     try:
         j = judge.submit(40, candidate, serving, too_little)
-        assert j is not None and j.verdict == "skipped" and "2 < gate.min_fresh_sequences=4" in j.result.reason
+        assert j is not None and j.verdict == "skipped" and "2 sequences < gate.min_fresh_sequences=4" in j.result.reason
         assert judge.pending is None and judge.evaluator is None  # nothing was evaluated
         assert rec.metric("everlearn_gate_decisions_total", verdict="skipped") == 1
 
         assert judge.submit(40, candidate, serving, evidence) is None  # returns at once
         assert judge.pending == candidate
+        assert judge.anchor["version"] == 1 and judge.protect() == {candidate.name, serving["name"]}  # the first served version
         assert judge.submit(41, candidate, serving, evidence) is None  # one judgement at a time
         assert ("gate_busy", {"step": 41, "judging": 40}) in rec.events
         j = judge.poll(timeout=90)
         assert j is not None and j.verdict == "promoted", j.result.reason
         m = j.result.metrics
-        assert m["candidate_fresh_loss"] < m["serving_fresh_loss"] * (1 - cfg.min_improvement)
-        assert m["candidate_old_loss"] <= m["serving_old_loss"] * (1 + cfg.max_forgetting)
-        assert m["fresh_sequences"] == 6 and m["old_sequences"] == 4
+        assert m["improvement"]["lower"] >= cfg.min_improvement and m["candidate_fresh_loss"] < m["serving_fresh_loss"]
+        assert m["forgetting"]["serving"]["passed"] and m["forgetting"]["serving"]["domains"]["(all)"]["measured"]
+        assert m["evidence"]["fresh"]["sequences"] == 6 and m["evidence"]["old"]["sequences"] == 4
+        assert [g["name"] for g in m["gates"]] == ["sanity", "improvement", "forgetting", "anchor", "behaviour", "generation"]
+        assert rec.metric("everlearn_gate_improvement_lower_bound") == pytest.approx(m["improvement"]["lower"])
         assert rec.metric("everlearn_gate_loss", model="candidate", window="fresh") == pytest.approx(m["candidate_fresh_loss"])
         assert rec.metric("everlearn_gate_loss", model="serving", window="old") == pytest.approx(m["serving_old_loss"])
         assert judge.last == {"verdict": "promoted", "step": 40, "reason": j.result.reason}
