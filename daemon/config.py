@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from everlearn.buffers import BufferConfig
 from everlearn.buffers.config import PROBLEM_SEPARATOR
 from everlearn.daemon.admin import TOKEN_ENV, AdminConfig
+from everlearn.daemon.drift import DriftConfig
 from everlearn.daemon.holdout import HoldoutConfig
 from everlearn.daemon.kafka_config import KafkaConfig, is_kafka, parse_url
 from everlearn.deploy import GateConfig, ServeConfig
+from everlearn.deploy.watch import WatchConfig
 from everlearn.errors import ConfigError
 from everlearn.learners import ModelConfig, ScheduleConfig, TrainConfig
 
@@ -119,6 +121,8 @@ class Config(_Section):
     holdout: HoldoutConfig = Field(default_factory=HoldoutConfig, description=HoldoutConfig.__doc__)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description=CheckpointConfig.__doc__)
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
+    drift: DriftConfig = Field(default_factory=DriftConfig, description=DriftConfig.__doc__)
+    watch: WatchConfig = Field(default_factory=WatchConfig, description=WatchConfig.__doc__)
     serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description=MetricsConfig.__doc__)
     admin: AdminConfig = Field(default_factory=AdminConfig, description=AdminConfig.__doc__)

@@ -68,6 +68,7 @@ class HoldoutWindows:
         self.old = OldWindows(cfg.old_per_domain, cfg.old_domains, seq_len, seed=cfg.seed)
         self.max_probes = probes
         self.probes: list[np.ndarray] = []  # the first sequence of each of the first held-out documents, frozen
+        self.added = 0  # fresh sequences added by this process: a mark for "documents since then" (post-swap watch)
 
     def is_held_out(self, text: str) -> bool:
         return held_out(content_key(text), self.cfg.fraction)
@@ -83,6 +84,7 @@ class HoldoutWindows:
             if i == 0 and len(self.probes) < self.max_probes:
                 self.probes.append(window)
             self.fresh.append((window, domain, document))
+            self.added += 1
             while len(self.fresh) > self.cfg.fresh_capacity:
                 self.old.add(*self.fresh.popleft())
 
@@ -96,6 +98,13 @@ class HoldoutWindows:
         return Evidence(ft, fl, ot, ol, fresh_documents=np.array([d for _, _, d in fresh], dtype=np.int64),
                         old_documents=np.array(old_docs, dtype=np.int64), old_domains=tuple(old_domains),
                         probe_tokens=pt, probe_lengths=pl)
+
+    def since(self, mark: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, lengths, document keys) of the fresh sequences added after ``mark`` (those still in the window)."""
+        n = min(max(self.added - mark, 0), len(self.fresh))
+        newest = list(self.fresh)[len(self.fresh) - n :]
+        tokens, lengths = self._pad([s for s, _, _ in newest])
+        return tokens, lengths, np.array([d for _, _, d in newest], dtype=np.int64)
 
     def _pad(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.zeros((len(seqs), self.seq_len), dtype=np.int32)

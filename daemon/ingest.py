@@ -21,6 +21,7 @@ from typing import Any
 
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
+from everlearn.daemon.drift import DriftMonitor
 from everlearn.daemon.holdout import HoldoutWindows, document_key
 from everlearn.daemon.kafka_config import is_kafka
 from everlearn.daemon.metrics import Metrics
@@ -45,6 +46,7 @@ class IngestStage:
         self.source = self._build_source()
         self.holdout = HoldoutWindows(cfg.holdout, cfg.train.seq_len, probes=cfg.gate.probe_sequences)
         self.packer = TokenPacker(cfg.train.seq_len, tokenizer.eos_id)
+        self.drift = DriftMonitor(cfg.drift, tokenizer.vocab_size) if cfg.drift.enabled else None  # thread-safe: its own lock
         self.counters = {"documents": 0, "held_out": 0, "dead_lettered": 0}
         self.high_water = cfg.train.queue_windows * cfg.train.seq_len
         self._position: dict[str, Any] = self.source.position()
@@ -159,6 +161,10 @@ class IngestStage:
                     domains[item[0].domain] = domains.get(item[0].domain, 0) + 1
             self._position = position
             self._cv.notify_all()
+            if self.drift is not None:  # the whole stream, trained and held out; inside the cut a checkpoint takes
+                for item in prepared:
+                    if not isinstance(item, Rejection):
+                        self.drift.observe_tokens(item[1])
         for domain, n in domains.items():  # once per domain and batch: a label look-up per record costs
             self.metrics.documents_ingested.labels(self.metrics.domain_label(domain)).inc(n)
         self.metrics.pending_tokens.set(self.packer.pending_tokens)
@@ -203,6 +209,11 @@ class IngestStage:
         self.metrics.ingest_queue_windows.set(self.packer.windows_ready())
         return windows
 
+    def holdout_since(self, mark: int):
+        """(tokens, lengths, document keys) of held-out sequences added after ``mark`` (``holdout.added`` then)."""
+        with self._cv:
+            return self.holdout.since(mark)
+
     def evidence(self, max_sequences: int) -> Evidence:
         with self._cv:
             return self.holdout.evidence(max_sequences)
@@ -218,13 +229,15 @@ class IngestStage:
         """One consistent cut: arrays (pending tokens, fresh held-out window, probes), the old reservoirs, the rest as JSON."""
         with self._cv:
             packer, holdout = self.packer.state_dict(), self.holdout.state_dict()
+            drift = self.drift.state_dict() if self.drift is not None else {"arrays": {}, "meta": None}
             self._cut_position = self._position
             return {
                 "arrays": {**{f"pending_{k}": v for k, v in packer["arrays"].items()},
                            **{f"fresh_{k}": v for k, v in holdout["fresh"]["arrays"].items()},
-                           **{f"probe_{k}": v for k, v in holdout["probes"]["arrays"].items()}},
+                           **{f"probe_{k}": v for k, v in holdout["probes"]["arrays"].items()},
+                           **{f"drift_{k}": v for k, v in drift["arrays"].items()}},
                 "meta": {"source": {"url": self.cfg.source.url, "position": self._position}, "packer": packer["meta"],
-                         "holdout_fresh": holdout["fresh"]["meta"], "counters": dict(self.counters)},
+                         "holdout_fresh": holdout["fresh"]["meta"], "counters": dict(self.counters), "drift": drift["meta"]},
                 "holdout_old": holdout["old"],
             }
 
@@ -246,6 +259,18 @@ class IngestStage:
             self.source.seek(meta["source"]["position"])
             self._position = self.source.position()
             self.counters.update(meta.get("counters", {}))
+            if "legacy" not in state and meta.get("drift"):  # none before drift monitoring, or with it off
+                self._load_drift({"arrays": _prefixed(state["arrays"], "drift_"), "meta": meta["drift"]})
+
+    def _load_drift(self, state: dict[str, Any]) -> None:
+        """The drift monitor's state, or a fresh monitor when the state does not fit (another vocabulary, a damaged ring)."""
+        if self.drift is None:
+            return
+        try:
+            self.drift.load_state_dict(state)
+        except (ValueError, KeyError) as e:
+            self.drift = DriftMonitor(self.cfg.drift, self.tokenizer.vocab_size)
+            self.events("drift_state_dropped", reason=str(e)[:300])
 
 
 def _prefixed(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -99,6 +99,12 @@ class Metrics:
         self.promotions_reverted = Counter(f"{PREFIX}_promotions_reverted", "Promotions undone because serving could not load the version.", registry=r)
         self.serving_rollbacks = Counter(f"{PREFIX}_serving_rollbacks", "Rollbacks of serving to an earlier promoted version, by trigger (manual: the admin API; auto: post-swap monitoring).", ["trigger"], registry=r)
         self.admin_calls = Counter(f"{PREFIX}_admin_calls", "Admin API calls, by action and HTTP status (401/403: refused credentials).", ["action", "code"], registry=r)
+        self.drift_events = Counter(f"{PREFIX}_drift_events", "Drift detected: data (the stream's byte distribution vs the reference) or loss (Page-Hinkley on serving's held-out loss).", ["kind"], registry=r)
+        self.drift_psi = Gauge(f"{PREFIX}_drift_psi", "Population stability index of the stream's newest window vs the reference (NaN until comparable).", registry=r)
+        self.drift_js = Gauge(f"{PREFIX}_drift_js_bits", "Jensen-Shannon divergence (bits) of the stream's newest window vs the reference.", registry=r)
+        self.drift_page_hinkley = Gauge(f"{PREFIX}_drift_page_hinkley", "Page-Hinkley statistic on serving's per-document held-out loss.", registry=r)
+        self.drift_active = Gauge(f"{PREFIX}_drift_active", "1 while a data-drift episode is open.", registry=r)
+        self.watch_version = Gauge(f"{PREFIX}_watch_version", "Version under post-swap watch (0: none).", registry=r)
         self.paused = Gauge(f"{PREFIX}_training_paused", "1 while training is paused by an operator (everlearn pause).", registry=r)
         self.swap_seconds = Histogram(f"{PREFIX}_swap_seconds", "Promotion until serving answered with the new version.", registry=r,
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))

@@ -62,7 +62,9 @@ class Operator:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise AdminError(400, f"'version' must be an integer or null (the version before the served one), got {version!r}")
         try:
-            return self.d.promote.rollback(version, reason)
+            record = self.d.promote.rollback(version, reason)
+            self.d.monitors.after_rollback()
+            return record
         except ValueError as e:
             raise AdminError(409, str(e)) from None
         except (LookupError, CheckpointError) as e:
@@ -85,6 +87,7 @@ class Operator:
             record = d.promote.promote_manual(ref, reason)
             if record.get("verdict") == "promoted" and not record.get("reverted"):  # it serves: the anchor policy counts it
                 d.judge.promoted(d.promote.served)
+            d.monitors.after_promotion(record)
             return record
         except ValueError as e:
             raise AdminError(409, str(e)) from None

@@ -28,6 +28,7 @@ from everlearn.daemon.http import StatusServer
 from everlearn.daemon.ingest import IngestStage
 from everlearn.daemon.lease import RunLease
 from everlearn.daemon.metrics import Metrics
+from everlearn.daemon.monitors import Monitors
 from everlearn.daemon.operator import Operator, read_paused
 from everlearn.daemon.progress import Progress
 from everlearn.daemon.runstate import RunState
@@ -79,6 +80,9 @@ class Daemon:
         self._restart_backoff = Backoff(cfg.supervision.restart_backoff_s, cfg.supervision.backoff_max_s)
         self.rate = Rate(clock)
         self.admin = AdminQueue(cfg.admin.action_timeout_s)
+        self.monitors = Monitors(self)
+        self._idle_since: float | None = None
+        self._judged_step = -1  # the step of the last candidate submitted to the judge
         self.paused: dict[str, Any] | None = read_paused(self.run_dir)
         self.metrics.paused.set(1 if self.paused else 0)
         self._ray_owned = False
@@ -131,6 +135,7 @@ class Daemon:
         self.metrics.buffer_capacity_tokens.set(self.train.buffer.capacity * self.train.buffer.seq_len)
         self.ingest.start()
         self.promote.wait_serving()  # the evaluator actor starts with the first judgement (judge.py)
+        self.monitors.resume()
         self.state = "running"
         self.progress.event("ready", step=self.step, serving=self.promote.server.url if self.promote.server else None,
                             served_version=self.promote.served["version"], metrics=self.status_server.url + "/metrics", stream=cfg.source.url)
@@ -182,6 +187,7 @@ class Daemon:
                 raise EverlearnError(f"{self.lease.lost}; stopping so that two daemons never write one run")
             self.admin.run_pending(Operator(self))
             self._collect()
+            self.monitors.tick()
             if self.paused is not None:
                 self.state = f"paused: {self.paused.get('reason')}"
                 self.progress.update(self.status())
@@ -192,8 +198,10 @@ class Daemon:
             self.metrics.train_wait_seconds.inc(self.clock() - t0)
             if windows is None:
                 self.state = "idle: waiting for documents"
+                self._idle()
                 self.progress.update(self.status())
                 continue
+            self._idle_since = None
             try:
                 stats = self.train.train(windows)
             except StageFailed as e:
@@ -203,11 +211,22 @@ class Daemon:
                 continue
             self.state, self.step, taken = "training", stats.step, taken + 1
             self._observe(stats)
-            if self.step % self.cfg.gate.every_steps == 0:
+            self.monitors.after_step()
+            if self.step % self.cfg.gate.every_steps == 0 or self.monitors.judge_now:
+                self.monitors.judge_now = False
                 self._submit()
             elif self.step % self.cfg.checkpoint.every_steps == 0:
                 self._checkpoint()
             self.progress.update(self.status())
+
+    def _idle(self) -> None:
+        """A stream gone quiet: the steps since the last judgement are judged after ``gate.idle_judge_s``,
+        so the last partial gate interval is not left unjudged until more data comes."""
+        now = self.clock()
+        self._idle_since = self._idle_since or now
+        if self.step > self._judged_step and self.step > 0 and now - self._idle_since >= self.cfg.gate.idle_judge_s and self.judge.pending is None:
+            self.progress.event("idle_judgement", step=self.step, idle_s=round(now - self._idle_since, 1))
+            self._submit()
 
     def _observe(self, stats) -> None:
         self.counters["tokens_trained"] += stats.tokens
@@ -267,7 +286,10 @@ class Daemon:
                 self._collect(timeout=0.5)
         candidate = self._checkpoint()
         if candidate is not None:
-            verdict = self.judge.submit(self.step, candidate, dict(self.promote.served), self.ingest.evidence(self.cfg.gate.max_eval_sequences))
+            self._judged_step = self.step
+            evidence = self.ingest.evidence(self.cfg.gate.max_eval_sequences)
+            self.monitors.judged(self.step, self.promote.served, evidence)
+            verdict = self.judge.submit(self.step, candidate, dict(self.promote.served), evidence)
             if verdict is not None:
                 self._decide(verdict)
 
@@ -282,6 +304,8 @@ class Daemon:
             record = self.promote.promote(j, record)
             if record.get("verdict") == "promoted" and not record.get("reverted"):  # it serves: the anchor policy counts it
                 self.judge.promoted(self.promote.served)
+            self.monitors.after_promotion(record)
         else:
             self.promote.audit.append(record)
+        self.monitors.after_verdict(j)
         self.progress.event("gate", verdict=j.verdict, step=j.step, reason=j.result.reason)

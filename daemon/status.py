@@ -91,6 +91,7 @@ def compose_status(d) -> dict[str, Any]:
         "degraded": d.health(),
         "restarts": dict(d.restarts),
         "paused": d.paused,
+        **d.monitors.status(),
         **d.ingest.status(),
         **d.counters,
     }

@@ -61,6 +61,7 @@ class GateConfig(BaseModel):
     repeat_excused_gain: float = Field(0.5, ge=0, description="A candidate whose loss on the probes is this much lower than serving's (nats/token) passes the generation gate however repetitive: it is still learning the basics.")  # demo: the first 50 steps gain 2.5, later candidates < 0.6, poisoned ones lose 2-3
     evaluator_threads: int = Field(1, ge=1, description="Torch threads of the evaluator actor that judges candidates beside the learner.")  # leaves the learner its cores
     evaluator_num_cpus: float = Field(0.0, ge=0, description="CPUs the evaluator actor reserves in Ray.")  # 0: it shares the local cores, judging is brief
+    idle_judge_s: float = Field(30.0, gt=0, description="When the stream goes quiet, judge the steps trained since the last judgement after this long (the last partial interval is not left unjudged).")  # a pause between uploads is shorter; a stream that stopped gets its last candidate judged within half a minute
     timeout_s: float = Field(600.0, gt=0, description="A judgement that takes longer fails (the evaluator is restarted); the next interval tries again.")
 
 

@@ -112,6 +112,13 @@ class JudgeStage:
         """The candidate being judged (the store keeps it until the verdict)."""
         return self._pending[0].candidate if self._pending else None
 
+    def scores(self, ref: CheckpointRef, tokens, lengths):
+        """Per-sequence (loss sums, token counts) of checkpoint ``ref``, from the evaluator (a Ray object ref to get).
+
+        The evaluator keeps what it scored, so sequences a judgement already scored cost nothing.
+        """
+        return self._evaluator().scores.remote(ref, tokens, lengths)
+
     def protect(self) -> set[str]:
         """Checkpoints the store must keep for the judge: the anchor and the candidate being judged."""
         names = {(self.anchor or {}).get("name"), self.pending.name if self.pending else None}

@@ -135,7 +135,7 @@ class PromoteStage:
         return {n for n in names if n}
 
     # -- operator actions (daemon/admin.py) ---------------------------------------
-    def rollback(self, version: int | None, reason: str, trigger: str = "manual") -> dict[str, Any]:
+    def rollback(self, version: int | None, reason: str, trigger: str = "manual", details: dict[str, Any] | None = None) -> dict[str, Any]:
         """Serve an earlier promoted version again (its exact weights: same checkpoint, same manifest sha256).
 
         ``version`` None: the newest promoted version older than the served one. The served
@@ -150,7 +150,7 @@ class PromoteStage:
         self.history = [{**previous, "rolled_back": True}, *(r for r in self.history if r is not target)][:HISTORY]
         record = {"verdict": "rolled_back", "trigger": trigger, "decision_id": uuid.uuid4().hex, "rolled_back_from": previous["version"],
                   "serving_version": self.served["version"], "step": self.served.get("step"), "candidate": CheckpointRef.from_dict(self.served).to_dict(),
-                  "manifest_sha256": self.served.get("manifest_sha256"), "reason": reason}
+                  "manifest_sha256": self.served.get("manifest_sha256"), "reason": reason, **({"details": details} if details else {})}
         self._write(decision=record)  # the commit point, as for a promotion
         self.audit.append(record)
         self.metrics.serving_rollbacks.labels(trigger).inc()
@@ -194,7 +194,7 @@ class PromoteStage:
         """Start the deployment on the served version; returns while replicas start (``wait_serving``)."""
         self.publish()
         if self.serve_cfg.enabled and self.server is None:
-            self.server = Server(self.model_cfg, self.serve_cfg, self.store.storage_options)
+            self.server = Server(self.model_cfg, self.serve_cfg, self.store.url, self.store.storage_options)
             self.server.start(self.served, wait=False)
 
     def wait_serving(self) -> None:

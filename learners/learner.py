@@ -114,11 +114,12 @@ class Learner:
         self.step = 0
         self.store = CheckpointStore(store_url, storage_options, timeout_s=store_timeout_s)
 
-    def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> StepStats:
+    def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None, lr_scale: float = 1.0) -> StepStats:
+        """One optimizer step; ``lr_scale`` multiplies the schedule's LR for this step (a drift response)."""
         t0 = time.perf_counter()
         if lengths is None:
             lengths = np.full(len(tokens), tokens.shape[1], dtype=np.int32)
-        lr = self.schedule(self.step)
+        lr = self.schedule(self.step) * lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ids, mask = _inputs(tokens, lengths, self.device)

@@ -108,6 +108,11 @@ class ReplaySchedule:
             self.shifts += 1
         return shifted
 
+    def restart_boost(self, step: int) -> None:
+        """Start the boost again at the next step, as a declared shift does (a drift event that domains did not show)."""
+        self.shift_step = step + 1
+        self.shifts += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {"shift_step": self.shift_step, "detector": self.detector.state_dict()}
 

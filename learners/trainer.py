@@ -48,6 +48,7 @@ class TrainStage:
         self.buffer = build_buffer(buffer, train.seq_len)
         replay = ReplaySchedule(buffer.replay_fraction, buffer.replay_boost, buffer.boost_steps, buffer.shift_window, buffer.shift_threshold)
         self.mixer = ReplayMixer(self.buffer, replay, train.batch_size)
+        self.lr_scale: tuple[float, int] | None = None  # (factor, until step): a drift response
         self.learner = None
         self.step = 0
         self.nonfinite_in_row = 0
@@ -86,7 +87,8 @@ class TrainStage:
         """One step on ``windows`` plus replay; returns its stats (``skipped`` set when nothing was learned)."""
         trained = self.step
         tokens, lengths, n_replay = self.mixer.mix(windows.tokens)
-        stats: StepStats = self._call("train_step", tokens, lengths)
+        scale = self.lr_scale[0] if self.lr_scale and trained < self.lr_scale[1] else 1.0
+        stats: StepStats = self._call("train_step", tokens, lengths, scale)
         self.last = stats
         if stats.skipped:
             self._quarantine(stats, windows, n_replay)
@@ -140,13 +142,19 @@ class TrainStage:
                 "last_shift_step": self.mixer.schedule.shift_step}
 
     # -- state ---------------------------------------------------------------
+    def scale_lr(self, scale: float, steps: int) -> None:
+        """Multiply the learning rate by ``scale`` for the next ``steps`` steps (a drift response)."""
+        self.lr_scale = (scale, self.step + steps) if scale != 1.0 else None
+
     def state_dict(self) -> dict[str, Any]:
         """Driver-side state: the buffer and the replay schedule (the learner's weights are the actor's files)."""
-        return {"buffer": self.buffer.state_dict(), "replay": self.mixer.schedule.state_dict(), "step": self.step}
+        return {"buffer": self.buffer.state_dict(), "replay": {**self.mixer.schedule.state_dict(), "lr_scale": self.lr_scale}, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer.load_state_dict(state["buffer"])
         self.mixer.schedule.load_state_dict(state.get("replay", {}))
+        scale = state.get("replay", {}).get("lr_scale")
+        self.lr_scale = tuple(scale) if scale else None
         self.step = int(state["step"])
         self.nonfinite_in_row = 0
 

@@ -161,7 +161,7 @@ class Boom:
 
     def __init__(self):
         self.real = build_tokenizer(ModelConfig())
-        self.eos_id, self.pad_id = self.real.eos_id, self.real.pad_id
+        self.eos_id, self.pad_id, self.vocab_size = self.real.eos_id, self.real.pad_id, self.real.vocab_size
 
     def encode(self, text: str) -> np.ndarray:
         if "doc-3." in text:
@@ -311,13 +311,39 @@ def test_the_state_holds_int32_token_arrays_and_json_meta(make, tmp_path):
     poll_all(s.stage)
     state = s.stage.state_dict()
     assert set(state["arrays"]) == {"pending_tokens", "pending_lengths", "fresh_tokens", "fresh_lengths", "fresh_documents",
-                                    "probe_tokens", "probe_lengths"}
+                                    "probe_tokens", "probe_lengths", "drift_open", "drift_reference", "drift_ring", "drift_sizes"}
     for name in ("pending_tokens", "fresh_tokens"):
         assert isinstance(state["arrays"][name], np.ndarray) and state["arrays"][name].dtype == np.int32
     assert len(state["arrays"]["pending_tokens"]) == s.stage.packer.pending_tokens
     assert json.loads(json.dumps(state["meta"])) == state["meta"]
     assert state["meta"]["source"]["url"] == str(tmp_path / "stream")
     assert state["meta"]["counters"] == {"documents": len(IDS), "held_out": len(HELD), "dead_lettered": 0}
+
+
+def test_the_drift_monitor_sees_every_accepted_document_and_survives_the_checkpoint(make, tmp_path):
+    write_stream(tmp_path / "stream")
+    s = make()
+    poll_all(s.stage)
+    tokens = s.stage.drift.tokens
+    records = [json.loads(r) for f in (tmp_path / "stream").glob("*") for r in f.read_text().splitlines()]
+    accepted = sum(len(s.stage.tokenizer.encode(r["text"])) for r in records)
+    assert int(tokens.history.sum() + tokens.open.sum()) == accepted  # every document, trained and held out
+    restored = make()
+    restored.stage.load_state_dict(round_trip(s.stage.state_dict()))
+    assert restored.stage.drift.stats() == s.stage.drift.stats()
+    assert np.array_equal(restored.stage.drift.tokens.open, tokens.open)
+
+
+def test_a_drift_state_that_does_not_fit_is_dropped_with_an_event(make, tmp_path):
+    write_stream(tmp_path / "stream")
+    s = make()
+    poll_all(s.stage)
+    state = round_trip(s.stage.state_dict())
+    state["meta"]["drift"]["vocab_size"] = 7
+    restored = make()
+    restored.stage.load_state_dict(state)
+    assert restored.stage.drift.stats()["reference_tokens"] == 0
+    assert "drift_state_dropped" in [name for name, _ in restored.events]
 
 
 def test_a_new_stage_loaded_from_the_state_continues_exactly(make, tmp_path):
