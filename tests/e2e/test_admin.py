@@ -120,3 +120,65 @@ def test_pause_promote_rollback_resume_through_the_cli(tmp_path, port_factory, l
     token = seen["token"]
     for text in (seen["status"], seen["metrics"], json.dumps(events), *(p.read_text(errors="replace") for p in run.glob("*.jsonl"))):
         assert token not in text
+
+
+def test_a_promoted_version_that_regresses_on_the_live_stream_is_rolled_back_by_itself(tmp_path, port_factory, local_ray, monkeypatch):
+    """An operator promotes the untrained step-0 weights over a trained version; the held-out documents that
+    arrive after the swap show it is far worse, and the watch rolls serving back to the trained version."""
+    monkeypatch.delenv("EVERLEARN_ADMIN_TOKEN", raising=False)
+    metrics_port = port_factory()
+    config = tiny_config(tmp_path, port_factory(), metrics_port, serve={"enabled": False}, gate={"every_steps": 10, "min_improvement": 1.0},
+                         checkpoint={"every_steps": 5, "keep_last": 2}, holdout={"fraction": 0.3},
+                         watch={"check_every_s": 0.5, "min_documents": 3, "window_s": 120})
+    docs = demo.take(demo.man_pages(), 120_000)
+    stream = tmp_path / "stream"
+    with open(stream / "00.jsonl", "w") as f:
+        for doc_id, text in docs[: len(docs) // 2]:
+            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    url = f"http://127.0.0.1:{metrics_port}"
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+    c = ["-c", str(config)]
+    seen: dict = {}
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def operator() -> None:
+        try:
+            wait_for(lambda: get_json(f"{url}/status")["step"] >= 22, 120, "22 steps")
+            assert _cli("pause", *c)[0] == 0
+            trained = max(r.step for r in store.list())
+            code, out, err = _cli("promote", str(trained), *c)
+            assert code == 0, err
+            good = json.loads(out)["promoted_version"]
+            code, out, err = _cli("promote", "0", *c, "--reason", "a bad idea")  # step 0 is kept: it served as version 0
+            assert code == 0, err
+            seen["good"], seen["bad"] = good, json.loads(out)["promoted_version"]
+            seen["good_sha"] = next(r.manifest_sha256 for r in store.list() if r.step == trained)
+            assert get_json(f"{url}/status")["watch"]["version"] == seen["bad"]
+            with open(stream / ".01.tmp", "w") as f:  # the live stream goes on after the swap
+                for doc_id, text in docs[len(docs) // 2 :]:
+                    f.write(json.dumps({"id": f"late-{doc_id}", "text": text}) + "\n")
+            (stream / ".01.tmp").rename(stream / "01.jsonl")
+            assert _cli("resume", *c)[0] == 0
+            wait_for(lambda: get_json(f"{url}/status")["served_version"] == good, 120, "the automatic rollback")
+            seen["status"] = get_json(f"{url}/status")
+        except BaseException as e:  # noqa: BLE001 reported by the main thread
+            failures.append(e)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    final, events = run_in_process(config, until=lambda s: done.is_set(), timeout=300)
+    thread.join(10)
+    if failures:
+        raise failures[0]
+    assert json.loads(store.read_root("SERVED.json"))["manifest_sha256"] == seen["good_sha"]
+    audit = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    auto = [r for r in audit if r["verdict"] == "rolled_back"]
+    assert len(auto) == 1 and auto[0]["trigger"] == "auto" and auto[0]["rolled_back_from"] == seen["bad"]
+    details = auto[0]["details"]
+    assert details["check"] == "loss" and details["ratio"]["lower"] > 1.05 and details["documents"] >= 3
+    assert "post-swap loss regression" in auto[0]["reason"]
+    assert seen["status"]["watch"] is None  # the watch ended with the rollback
+    assert [e for e in events if e["event"] == "rolled_back" and e["trigger"] == "auto"]
