@@ -31,6 +31,7 @@ import torch
 from everlearn.deploy import probes
 from everlearn.deploy.gates import Evidence, GateConfig, GateResult, Measurements, WindowScores
 from everlearn.deploy.verdict import ConfidenceGate
+from everlearn.deploy.windows import PROBES
 from everlearn.errors import CheckpointError, NonFiniteError, StorageUnavailable
 from everlearn.learners import (
     CheckpointRef,
@@ -160,7 +161,11 @@ class Evaluator:
                 except (CheckpointError, NonFiniteError) as e:
                     info["unavailable"] = f"its checkpoint {anchor_ref.name} cannot be used: {str(e).splitlines()[0][:200]}"
 
-        m = Measurements(step=candidate.step, fresh=fresh, old=old, anchor=info)
+        probe_set = None
+        if evidence.probe_tokens is not None and len(evidence.probe_tokens):  # frozen: a stream that turns cannot move it
+            n = min(len(evidence.probe_tokens), cfg.probe_sequences)
+            probe_set = window(evidence.probe_tokens[:n], np.asarray(evidence.probe_lengths[:n]), np.arange(n, dtype=np.int64), (PROBES,) * n)
+        m = Measurements(step=candidate.step, fresh=fresh, old=old, anchor=info, probes=probe_set)
         self._probe(cfg, m, candidate, serving, evidence, keep)
         result = ConfidenceGate(cfg).evaluate(m)
         result.metrics.update(sequences_scored=self.scored - scored, sequences_reused=self.reused - reused)

@@ -147,6 +147,7 @@ class Measurements:
     fresh: WindowScores
     old: WindowScores
     anchor: dict[str, Any] = field(default_factory=dict)  # version, step, same_as_serving, unavailable (why)
+    probes: WindowScores | None = None  # the frozen probe set, scored like a window: forgetting that drifting old windows cannot hide
     kl: float | None = None  # mean per-token KL(serving || candidate) on the probes; None: no probes
     kl_tokens: int = 0
     probe_sequences: int = 0

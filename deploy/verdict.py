@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from everlearn.deploy.gates import GateConfig, GateResult, Measurements
-from everlearn.deploy.windows import forgetting, forgetting_reason, improvement
+from everlearn.deploy.windows import forgetting, forgetting_reason, improvement, with_probes
 
 GATES = ("sanity", "improvement", "forgetting", "anchor", "behaviour", "generation")  # evaluation order; the failures metric's labels
 
@@ -76,8 +76,10 @@ class ConfidenceGate:
              f"{imp['documents']} documents, {imp['tokens']} tokens)")
 
         metrics["forgetting"] = {}
-        if len(m.old.tokens):
-            f = metrics["forgetting"]["serving"] = forgetting(cfg, m.step, m.old, "serving", cfg.max_forgetting)
+        f = with_probes(cfg, m.step, forgetting(cfg, m.step, m.old, "serving", cfg.max_forgetting) if len(m.old.tokens) else None,
+                        m.probes, cfg.max_forgetting)
+        if f is not None:
+            metrics["forgetting"]["serving"] = f
             gate("forgetting", f["passed"], forgetting_reason("forgetting", f, "max_forgetting", "serving"))
         else:
             gate("forgetting", True, "forgetting: not measured (no old held-out data yet)")

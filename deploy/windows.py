@@ -21,6 +21,7 @@ import numpy as np
 from everlearn.deploy.bootstrap import ratio_bounds
 from everlearn.deploy.gates import GateConfig, WindowScores
 
+PROBES = "(probes)"  # the frozen probe set's row in the forgetting table against serving
 OVERALL = "(all)"  # the overall old window's name in the domain tables
 
 
@@ -72,13 +73,32 @@ def forgetting(cfg: GateConfig, step: int, old: WindowScores, reference: str, th
     return {"threshold": threshold, "passed": not failing, "worst": max(failing)[1] if failing else None, "domains": rows}
 
 
+def with_probes(cfg: GateConfig, step: int, table: dict[str, Any] | None, probes: WindowScores | None, threshold: float) -> dict[str, Any] | None:
+    """``table`` (forgetting vs serving on the old windows) with a row for the frozen probe set.
+
+    The old windows follow the stream: when the stream turns (a poisoned segment that even
+    claims the old domain's name), its held-out documents age into them and the
+    comparison drifts with it. The probes were frozen at the start of the run, so the
+    candidate's loss on them against serving's shows forgetting the windows can hide.
+    """
+    if probes is None or not len(probes.tokens):
+        return table
+    row = forgetting(cfg, step, WindowScores(probes.documents, ("",) * len(probes.tokens), probes.tokens, probes.losses),
+                     "serving", threshold)["domains"][OVERALL]
+    table = table or {"threshold": threshold, "passed": True, "worst": None, "domains": {}}
+    table["domains"][PROBES] = row
+    failing = [(r["upper"] - threshold, name) for name, r in table["domains"].items() if r["measured"] and not r["passed"]]
+    table.update(passed=not failing, worst=max(failing)[1] if failing else None)
+    return table
+
+
 def forgetting_reason(gate: str, table: dict[str, Any], setting: str, against: str) -> str:
     """The reason of a forgetting check (failed or passed), with the numbers of its worst or overall row."""
     rows, threshold = table["domains"], table["threshold"]
     if table["worst"] is not None:
         name = table["worst"]
         r = rows[name]
-        where = "overall" if name == OVERALL else f"in domain {name!r}"
+        where = "overall" if name == OVERALL else "on the frozen probe set" if name == PROBES else f"in domain {name!r}"
         return (f"{gate}: vs {against}, {where} the candidate's old loss is up {r['estimate']:+.2%} (upper bound "
                 f"{r['upper']:+.2%} > gate.{setting} {threshold:.2%}; {r['documents']} documents, {r['tokens']} tokens)")
     measured = [n for n, r in rows.items() if r["measured"]]

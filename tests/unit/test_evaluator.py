@@ -105,18 +105,19 @@ def test_a_lightly_trained_candidate_passes_every_gate(run):
 
 def test_the_kl_gate_refuses_a_candidate_trained_on_random_bytes(run):
     """The poisoned stream's fresh window is random bytes too: the candidate 'improves' on it.
-    No old data yet, so only the behaviour gate stands between it and serving."""
+    No old data yet: the frozen probes stand between it and serving, twice (forgetting on them, behaviour)."""
     rng = np.random.default_rng(2)
     result = Evaluator(MODEL).judge(CFG, run.poisoned, run.serving, evidence(noise(rng, 16)))
     assert gate(result, "improvement")["passed"]
-    assert not result.passed and result.reason.startswith("behaviour: KL(serving || candidate)")
+    assert not result.passed and result.reason.startswith("forgetting: vs serving, on the frozen probe set")
+    assert not gate(result, "behaviour")["passed"] and gate(result, "behaviour")["reason"].startswith("behaviour: KL(serving || candidate)")
     beh = result.metrics["behaviour"]
     assert beh["kl"] > CFG.max_kl and beh["probe_gain"] < 0  # it got worse at the probes' real text
 
 
 def test_degenerate_generations_are_refused(run):
-    """A candidate trained on one repeated byte writes it forever; behaviour is not checked here (max_kl huge)."""
-    cfg = CFG.model_copy(update={"max_kl": 1e9})
+    """A candidate trained on one repeated byte writes it forever; behaviour and forgetting are not checked here (bounds huge)."""
+    cfg = CFG.model_copy(update={"max_kl": 1e9, "max_forgetting": 1e9})
     result = Evaluator(MODEL).judge(cfg, run.collapsed, run.serving, evidence(repeated(16) + np.arange(16)[:, None] % 2))
     gen = result.metrics["generation"]
     assert gen["candidate"] > 0.9 and gen["candidate"] > gen["serving"] + cfg.repeat_margin, gen
@@ -154,7 +155,9 @@ def test_the_anchor_is_measured_and_kept_beside_candidate_and_serving(run):
         assert a["estimate"] < 0  # far better than the untrained anchor
     # the anchor's and serving's scores were reused: only the candidate ran on the windows
     m = result.metrics
-    assert m["sequences_scored"] <= 32 and m["sequences_scored"] + m["sequences_reused"] == 16 * 2 + 16 * 3  # repeats of the text are scored once
+    probes = min(len(ev.probe_tokens), CFG.probe_sequences) if ev.probe_tokens is not None else 0  # scored for candidate and serving
+    assert m["sequences_scored"] <= 32 + probes  # repeats of the text are scored once
+    assert m["sequences_scored"] + m["sequences_reused"] == 16 * 2 + 16 * 3 + 2 * probes
 
 
 def test_an_anchor_whose_checkpoint_is_gone_is_reported_not_fatal(run):
