@@ -93,3 +93,11 @@ def pyplot():
     except ImportError:
         return None
     return plt
+
+
+def save_figure(plt, fig, path: Path) -> str:
+    """Lay out, write ``path`` (PNG, 110 dpi: readable on a page, a few tens of KiB) and close ``fig``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written to {path}"

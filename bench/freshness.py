@@ -50,7 +50,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import NO_PLOT, command_line, machine_info, pyplot, report  # noqa: E402  (bench/ is not a package)
+from benchlib import NO_PLOT, command_line, machine_info, pyplot, report, save_figure  # noqa: E402 (bench/ is not a package)
 from kafka_ingest import start_tansu, stop_tansu  # noqa: E402
 
 TARGET_P50_S = 60.0
@@ -216,10 +216,7 @@ def plot(res: dict[str, Any], path: Path) -> str:
     a2.set_xlabel("seconds until served")
     a2.set_ylabel("fraction of records")
     a2.set_title("Distribution")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"plot written to {path}"
+    return save_figure(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

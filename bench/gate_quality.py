@@ -47,7 +47,7 @@ from uuid import uuid4
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import NO_PLOT, command_line, machine_info, pyplot, report  # noqa: E402
+from benchlib import NO_PLOT, command_line, machine_info, pyplot, report, save_figure  # noqa: E402
 
 KINDS = ("good: more manual pages", "good: a new domain", "poison: ROT13 manual pages", "poison: random characters",
          "poison: spam", "poison: NaN weight")
@@ -204,10 +204,7 @@ def plot(res: dict[str, Any], path: Path) -> str:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     ax.set_title("Gate verdicts: good candidates should be promoted, poisoned ones refused")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"wrote {path}"
+    return save_figure(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

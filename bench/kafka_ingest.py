@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import NO_PLOT, command_line, machine_info, pyplot, report  # noqa: E402  (bench/ is not a package)
+from benchlib import NO_PLOT, command_line, machine_info, pyplot, report, save_figure  # noqa: E402 (bench/ is not a package)
 
 READ_TARGET, LEARNER_TARGET = 0.8, 5.0
 
@@ -231,10 +231,7 @@ def plot(res: dict[str, Any], path: Path) -> str:
     a2.set_ylabel("stream tokens/s (log scale)")
     a2.set_title("Ingest against the learner")
     a2.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"plot written to {path}"
+    return save_figure(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

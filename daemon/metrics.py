@@ -106,7 +106,7 @@ class Metrics:
         self.drift_active = Gauge(f"{PREFIX}_drift_active", "1 while a data-drift episode is open.", registry=r)
         self.watch_version = Gauge(f"{PREFIX}_watch_version", "Version under post-swap watch (0: none).", registry=r)
         self.paused = Gauge(f"{PREFIX}_training_paused", "1 while training is paused by an operator (everlearn pause).", registry=r)
-        self.swap_seconds = Histogram(f"{PREFIX}_swap_seconds", "Promotion until serving answered with the new version.", registry=r,
+        self.swap_seconds = Histogram(f"{PREFIX}_swap_seconds", "Promotion until every serving replica reported the new manifest sha256.", registry=r,
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.served_version = Gauge(f"{PREFIX}_served_version", "Version the serving deployment holds.", registry=r)
         self.served_step = Gauge(f"{PREFIX}_served_step", "Training step of the served version.", registry=r)

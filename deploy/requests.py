@@ -23,17 +23,66 @@ _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", 
 
 
 class BadRequest(ValueError):
-    """The client sent something the replica refuses; the message says what and how to fix it (HTTP 400)."""
+    """The client sent something the replica refuses; the message says what and how to fix it (HTTP 400).
+
+    ``param`` and ``code`` fill the OpenAI error shape of the /v1 endpoints.
+    """
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
-class _Body(BaseModel):
+class NotFound(BadRequest):
+    """The request names something this replica does not have (HTTP 404), e.g. another model."""
+
+    status = 404
+
+
+class ContextOverflow(BadRequest):
+    """Prompt plus new tokens do not fit the model's context; the message names the numbers."""
+
+    def __init__(self, prompt: int, new: int, context: int):
+        room = context - prompt
+        if room < 1:
+            message = (f"'prompt' is {prompt} tokens: it fills the model's context of {context} tokens and leaves "
+                       f"no room for new ones; shorten it to fewer than {context} tokens")
+        else:
+            message = (f"'prompt' is {prompt} tokens and 'max_new_tokens' is {new}: together more than "
+                       f"the model's context of {context} tokens; ask for at most {room} new tokens or shorten the prompt")
+        super().__init__(message, param="prompt", code="context_length_exceeded")
+        self.prompt, self.new, self.context = prompt, new, context
+
+
+def fit_prompt(ids: list[int], new: int, context: int, truncate: bool) -> list[int]:
+    """The prompt's tokens, checked against the context: prompt + ``new`` tokens must fit in ``context``.
+
+    Past it, a model with learned positions fails and one with rotary positions
+    decodes garbage. ``truncate`` (``serve.truncate_prompts``) keeps the prompt's
+    last ``context - new`` tokens instead of refusing it.
+    """
+    if len(ids) + new <= context:
+        return ids
+    if truncate and new < context:
+        return ids[len(ids) - (context - new):]
+    raise ContextOverflow(len(ids), new, context)
+
+
+class RequestBody(BaseModel):
     """A request body: unknown fields are refused (a misspelt ``max_tokens`` must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     example: ClassVar[str]  # a valid body, quoted in messages about bodies that are not JSON objects
 
+    @classmethod
+    def prepare(cls, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON object before validation (a body may drop fields it accepts only at a neutral value)."""
+        return body
 
-class GenerateRequest(_Body):
+
+class GenerateRequest(RequestBody):
     """POST /generate: continue ``prompt`` by up to ``max_new_tokens`` tokens."""
 
     example = '{"prompt": "Once upon a time", "max_new_tokens": 32}'
@@ -57,7 +106,7 @@ class GenerateRequest(_Body):
         return top_k
 
 
-class ScoreRequest(_Body):
+class ScoreRequest(RequestBody):
     """POST /score: the mean next-token loss of ``text``."""
 
     example = '{"text": "some text to score"}'
@@ -65,16 +114,18 @@ class ScoreRequest(_Body):
     text: str = Field(min_length=1, max_length=MAX_SCORE_CHARS, description=f"a non-empty string of at most {MAX_SCORE_CHARS} characters")
 
 
-Request = TypeVar("Request", bound=_Body)
+Request = TypeVar("Request", bound=RequestBody)
 
 
 def parse_request(raw: bytes, model: type[Request], context: dict[str, Any] | None = None) -> Request:
-    """Decode, parse and validate one body; every failure is a ``BadRequest`` naming what was wrong."""
-    body = _json_object(raw, example=model.example)
+    """Decode, parse and validate one body; every failure is a ``BadRequest`` naming what was wrong
+    (``param``: the first field named). ``model.prepare`` sees the JSON object first."""
+    body = model.prepare(_json_object(raw, example=model.example))
     try:
         return model.model_validate(body, context=context)
     except ValidationError as e:
-        raise BadRequest(describe(e, model)) from None
+        first = e.errors(include_url=False)[0]["loc"]
+        raise BadRequest(describe(e, model), param=str(first[0]) if first else None) from None
 
 
 def _json_object(raw: bytes, example: str) -> dict[str, Any]:

@@ -52,7 +52,8 @@ def run(tmp_path, local_ray, serve_port):
         learner.train_step(tokens)
         learner.train_step(tokens)
         refs.append(store.commit(learner.step, learner.save(learner.step)))
-    serve = ServeConfig(port=serve_port, swap_timeout_s=20, start_timeout_s=120)
+    # one application for the module at route /: each scenario's run (a store of its own) takes it over
+    serve = ServeConfig(port=serve_port, app_name="everlearn-reliability", swap_timeout_s=20, start_timeout_s=120)
 
     class Run:
         url = f"http://127.0.0.1:{serve_port}"

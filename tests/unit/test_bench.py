@@ -63,3 +63,33 @@ def test_kafka_ingest_bench_quick_run_writes_tables_json_and_plot(tmp_path, caps
     md = (tmp_path / "kafka_ingest.md").read_text()
     assert res["command"] in md and "| `raw` kafka-python loop (reference) |" in md
     assert (tmp_path / "kafka_ingest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration  # starts a local Ray and Serve (a tiny model, 3 s windows)
+@pytest.mark.timeout(240)
+def test_serving_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    res = load("serving").main(["--quick", "--out", str(tmp_path)])
+    batched = res["http"]["http_batched"]
+    (one,) = batched["rounds"]
+    assert [w["per_chunk"] for w in one["inprocess"]] == [False, True] and one["reference_docs_per_s"] > 0
+    assert batched["requests_per_s"]["median"] > 0 and batched["ratio"]["median"] > 0 and batched["failed"] == 0
+    assert batched["latency_p99_s"] > 0 and batched["cores"]["replicas"] > 0
+    swaps = res["swaps"]
+    assert len(swaps["swaps"]) == 3 and swaps["all_replicas_on_new_sha"] and swaps["failed"] == 0 and swaps["swap_s"]["p50"] > 0
+    md = (tmp_path / "serving.md").read_text()
+    assert res["command"] in md and "| `http_batched` (defaults) |" in md and "swap latency" in md
+    assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_gate_quality_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    res = load("gate_quality").main(["--quick", "--out", str(tmp_path)])
+    (seed,) = res["seeds"]
+    kinds = load("gate_quality").KINDS
+    assert set(seed) == set(kinds)
+    assert seed["poison: NaN weight"]["promoted"] is False and seed["poison: NaN weight"]["gates"] == {"sanity": False}
+    assert all(set(seed[k]["gates"]) == {"sanity", "improvement", "forgetting", "anchor", "behaviour", "generation"} for k in kinds[:5])
+    md = (tmp_path / "gate_quality.md").read_text()
+    assert res["command"] in md and "| poison: ROT13 manual pages |" in md
+    assert (tmp_path / "gate_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
