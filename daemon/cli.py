@@ -64,6 +64,14 @@ def cmd_status(args) -> int:
             print(f"  {key}: {status.get(key)}")
         if status.get("last_gate"):
             print(f"  last gate: {status['last_gate'].get('reason')}")
+        if status.get("paused"):
+            print(f"  paused: {status['paused'].get('reason')} (`everlearn resume` trains again)")
+        if status.get("watch"):
+            w = status["watch"]
+            print(f"  watching version {w.get('version')} after its swap (rolls back to {w.get('previous')} on a regression)")
+        drift = status.get("drift") or {}
+        if drift.get("psi") is not None:
+            print(f"  drift: PSI {drift['psi']:.3f}, JS {drift['js']:.3f} bits{' (drifting)' if drift.get('data_drift') else ''}")
     return 0
 
 

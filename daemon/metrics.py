@@ -101,7 +101,7 @@ class Metrics:
         self.admin_calls = Counter(f"{PREFIX}_admin_calls", "Admin API calls, by action and HTTP status (401/403: refused credentials).", ["action", "code"], registry=r)
         self.drift_events = Counter(f"{PREFIX}_drift_events", "Drift detected: data (the stream's byte distribution vs the reference) or loss (Page-Hinkley on serving's held-out loss).", ["kind"], registry=r)
         self.drift_psi = Gauge(f"{PREFIX}_drift_psi", "Population stability index of the stream's newest window vs the reference (NaN until comparable).", registry=r)
-        self.drift_js = Gauge(f"{PREFIX}_drift_js_bits", "Jensen-Shannon divergence (bits) of the stream's newest window vs the reference.", registry=r)
+        self.drift_js = Gauge(f"{PREFIX}_drift_js_divergence", "Jensen-Shannon divergence (in bits, 0 to 1) of the stream's newest window vs the reference.", registry=r)
         self.drift_page_hinkley = Gauge(f"{PREFIX}_drift_page_hinkley", "Page-Hinkley statistic on serving's per-document held-out loss.", registry=r)
         self.drift_active = Gauge(f"{PREFIX}_drift_active", "1 while a data-drift episode is open.", registry=r)
         self.watch_version = Gauge(f"{PREFIX}_watch_version", "Version under post-swap watch (0: none).", registry=r)
