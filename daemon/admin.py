@@ -75,6 +75,14 @@ def resolve_token(cfg: AdminConfig, run_dir: str | Path, env: Mapping[str, str] 
     return token
 
 
+def admin_endpoint(cfg: AdminConfig, run_dir: str | Path, actions: "AdminQueue",
+                   count: Callable[[str, int], None]) -> "AdminEndpoint | None":
+    """The endpoint the status server calls for ``POST /admin/*`` (None when ``admin.enabled`` is off); creates the token if needed."""
+    if not cfg.enabled:
+        return None
+    return AdminEndpoint(resolve_token(cfg, run_dir, create=True), actions, count)
+
+
 def _create_token(path: Path) -> str:
     """A new random token in a file only its owner can read (created exclusively: two starts agree on one)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,10 +35,27 @@ class Monitors:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._pending: tuple[Any, Any, np.ndarray, np.ndarray, float] | None = None  # a watch check in flight
         self.judge_now = False
+        self._idle_since: float | None = None
+        self._judged_step = -1  # the step of the last candidate submitted to the judge
 
     # -- drift -------------------------------------------------------------------
     def judged(self, step: int, serving: dict[str, Any], evidence) -> None:
         self._judged = (step, dict(serving), evidence)
+        self._judged_step = step
+
+    def quiet(self, now: float) -> bool:
+        """The stream delivered nothing this turn: True once the steps since the last judgement have waited
+        ``gate.idle_judge_s``, so a stream gone quiet does not leave its last partial interval unjudged."""
+        d = self.d
+        self._idle_since = self._idle_since or now
+        due = (d.step > max(self._judged_step, 0) and now - self._idle_since >= d.cfg.gate.idle_judge_s and d.judge.pending is None)
+        if due:
+            d.progress.event("idle_judgement", step=d.step, idle_s=round(now - self._idle_since, 1))
+        return due
+
+    def flowing(self) -> None:
+        """The stream delivered: the quiet period, if any, is over."""
+        self._idle_since = None
 
     def after_verdict(self, j) -> None:
         """Feed serving's loss on the judged fresh sequences it had not scored before to Page-Hinkley."""

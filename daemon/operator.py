@@ -44,6 +44,7 @@ class Operator:
             d.paused = {"since_unix": time.time(), "step": d.step, "reason": reason}
             (d.run_dir / PAUSED).write_text(json.dumps(d.paused))
             d.metrics.paused.set(1)
+            d.state = f"paused: {reason}"  # /status says so as soon as the call answers, not from the loop's next turn
             d.progress.event("paused", step=d.step, reason=reason[:300])
         return {"paused": True, **d.paused}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from everlearn.buffers.persist import buffer_digest
-from everlearn.daemon.admin import AdminEndpoint, AdminQueue, resolve_token
+from everlearn.daemon.admin import AdminQueue, admin_endpoint
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.demo import seed_if_empty
@@ -81,8 +81,6 @@ class Daemon:
         self.rate = Rate(clock)
         self.admin = AdminQueue(cfg.admin.action_timeout_s)
         self.monitors = Monitors(self)
-        self._idle_since: float | None = None
-        self._judged_step = -1  # the step of the last candidate submitted to the judge
         self.paused: dict[str, Any] | None = read_paused(self.run_dir)
         self.metrics.paused.set(1 if self.paused else 0)
         self._ray_owned = False
@@ -111,10 +109,7 @@ class Daemon:
     def _open(self) -> None:
         cfg = self.cfg
         try:
-            admin = None
-            if cfg.admin.enabled:
-                token = resolve_token(cfg.admin, self.run_dir, create=True)
-                admin = AdminEndpoint(token, self.admin, lambda action, code: self.metrics.admin_calls.labels(action, str(code)).inc())
+            admin = admin_endpoint(cfg.admin, self.run_dir, self.admin, lambda action, code: self.metrics.admin_calls.labels(action, str(code)).inc())
             self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status, self.health, admin).start()
         except OSError as e:
             raise ConfigError(f"cannot listen on metrics.host:metrics.port = {cfg.metrics.host}:{cfg.metrics.port} ({e}); "
@@ -198,10 +193,11 @@ class Daemon:
             self.metrics.train_wait_seconds.inc(self.clock() - t0)
             if windows is None:
                 self.state = "idle: waiting for documents"
-                self._idle()
+                if self.monitors.quiet(self.clock()):
+                    self._submit()
                 self.progress.update(self.status())
                 continue
-            self._idle_since = None
+            self.monitors.flowing()
             try:
                 stats = self.train.train(windows)
             except StageFailed as e:
@@ -218,15 +214,6 @@ class Daemon:
             elif self.step % self.cfg.checkpoint.every_steps == 0:
                 self._checkpoint()
             self.progress.update(self.status())
-
-    def _idle(self) -> None:
-        """A stream gone quiet: the steps since the last judgement are judged after ``gate.idle_judge_s``,
-        so the last partial gate interval is not left unjudged until more data comes."""
-        now = self.clock()
-        self._idle_since = self._idle_since or now
-        if self.step > self._judged_step and self.step > 0 and now - self._idle_since >= self.cfg.gate.idle_judge_s and self.judge.pending is None:
-            self.progress.event("idle_judgement", step=self.step, idle_s=round(now - self._idle_since, 1))
-            self._submit()
 
     def _observe(self, stats) -> None:
         self.counters["tokens_trained"] += stats.tokens
@@ -286,7 +273,6 @@ class Daemon:
                 self._collect(timeout=0.5)
         candidate = self._checkpoint()
         if candidate is not None:
-            self._judged_step = self.step
             evidence = self.ingest.evidence(self.cfg.gate.max_eval_sequences)
             self.monitors.judged(self.step, self.promote.served, evidence)
             verdict = self.judge.submit(self.step, candidate, dict(self.promote.served), evidence)
