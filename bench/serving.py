@@ -131,16 +131,13 @@ class InProcess:
         from everlearn.learners import (
             CheckpointRef,
             CheckpointStore,
-            build_model,
+            Models,
             build_tokenizer,
-            load_weights,
         )
 
         self.tok, self.docs, self.threads = build_tokenizer(model_cfg), docs, threads
-        self.model = build_model(model_cfg, self.tok)
         ref = CheckpointRef.from_dict(record)
-        load_weights(self.model, CheckpointStore(ref.store_url), ref)
-        self.model.eval()
+        self.model = Models(model_cfg, self.tok).load(CheckpointStore(ref.store_url), ref)
 
     def one(self, text: str, per_chunk: bool) -> None:
         from everlearn.deploy.scoring import chunks, score_rows

@@ -37,9 +37,8 @@ from everlearn.learners import (
     CheckpointRef,
     CheckpointStore,
     ModelConfig,
-    build_model,
+    Models,
     build_tokenizer,
-    load_weights,
     sequence_losses,
 )
 
@@ -58,6 +57,7 @@ class Evaluator:
         self.storage_options = dict(storage_options or {})
         self.batch_size, self.cache = batch_size, cache  # 3: candidate, serving, anchor
         self.tokenizer = build_tokenizer(model_cfg)
+        self.models = Models(model_cfg, self.tokenizer)  # the base, read once; LoRA checkpoints share its tensors
         self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._scores: dict[str, OrderedDict[bytes, tuple[float, int]]] = {}  # per kept model: sequence -> (loss sum, tokens)
         self._generated: dict[str, dict[bytes, list[int]]] = {}  # per kept model: prompt -> greedy tokens
@@ -73,8 +73,7 @@ class Evaluator:
         sha = ref.manifest_sha256
         model = self._models.get(sha)
         if model is None:
-            model = build_model(self.model_cfg, self.tokenizer)
-            load_weights(model, CheckpointStore(ref.store_url, self.storage_options), ref)
+            model = self.models.load(CheckpointStore(ref.store_url, self.storage_options), ref)
             bad = probes.non_finite_tensor(model)
             if bad is not None:
                 raise NonFiniteError(f"weight tensor {bad!r} of checkpoint {ref.name} holds NaN or infinite values; "

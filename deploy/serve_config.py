@@ -21,6 +21,7 @@ class ServeConfig(BaseModel):
     route_prefix: str = Field("/", description="URL path the application answers under, e.g. /run-a; two runs on one Serve instance need different prefixes.")
     num_replicas: int = Field(1, ge=1, description="Serving replicas; each holds one copy of the model.")
     num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves in Ray.")  # 0: share the 2 local cores with the learner
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves in Ray; > 0 serves on CUDA (fractions share one GPU between replicas).")
     torch_threads: int = Field(1, ge=1, description="Intra-op torch threads per replica.")  # leave cores for the learner
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica holds at once; more wait in Serve's queue.")  # >= 2 x max_batch_size: a full batch gathers while one computes (Serve's default of 5 caps a batch at 5)
     max_batch_size: int = Field(16, ge=1, description="Most /score requests scored in one batch (their texts' chunks are padded to the batch's longest chunk).")  # past ~16 texts of 1-2 kB a CPU forward gains nothing and a batch only waits longer
@@ -55,6 +56,7 @@ class ReplicaSettings(BaseModel):
     model: dict[str, Any]  # ModelConfig.model_dump()
     storage_options: dict[str, Any] = {}
     torch_threads: int = 1
+    num_gpus: float = 0.0
     app_name: str = "everlearn"  # also the model id of /v1/models
     registry_name: str = "everlearn.registry"
     registry_namespace: str = "everlearn-serving"

@@ -38,9 +38,8 @@ from everlearn.learners import (
     CheckpointRef,
     CheckpointStore,
     ModelConfig,
-    build_model,
+    Models,
     build_tokenizer,
-    load_weights,
 )
 
 DEPLOYMENT_NAME = "LanguageModel"
@@ -84,6 +83,7 @@ class LanguageModelServer:
         torch.set_num_threads(self.settings.torch_threads)
         self.model_cfg = ModelConfig.model_validate(self.settings.model)
         self.tokenizer = build_tokenizer(self.model_cfg)
+        self.models = Models(self.model_cfg, self.tokenizer, _device(self.settings.num_gpus))  # the base, once: LoRA swaps only adapters
         self.registry = registry or ActorRegistry(self.settings.registry_name, self.settings.registry_namespace)
         self.replica_id = _replica_id()
         self.loaded: Loaded | None = None
@@ -139,11 +139,11 @@ class LanguageModelServer:
 
     def _build(self, record: dict[str, Any]) -> Loaded:
         t0 = time.perf_counter()
-        model = build_model(self.model_cfg, self.tokenizer)
         if record.get("uri"):
             ref = CheckpointRef.from_dict(record)
-            load_weights(model, CheckpointStore(ref.store_url, self.settings.storage_options), ref)
-        model.eval()
+            model = self.models.load(CheckpointStore(ref.store_url, self.settings.storage_options), ref)
+        else:
+            model = self.models.initial()
         return Loaded(model, dict(record, loaded_in_s=round(time.perf_counter() - t0, 4), loaded_unix=time.time()))
 
     def report(self) -> None:
@@ -245,6 +245,11 @@ class LanguageModelServer:
         loaded = self.current()
         results = await asyncio.get_running_loop().run_in_executor(self._forward, score_rows, loaded.model, texts, self.tokenizer.pad_id)
         return [(r, loaded.info.get("version")) for r in results]
+
+
+def _device(num_gpus: float) -> str:
+    """CUDA for a replica that reserved a GPU (serve.num_gpus) and sees one; the CPU otherwise."""
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def _replica_id() -> str:

@@ -28,7 +28,9 @@ _WHERE = {  # name -> the module that defines it, imported when the name is firs
     "build_model": "model",
     "build_tokenizer": "model",
     "infinite_lr": "schedules",
-    "load_weights": "learner",
+    "LoraConfig": "config",
+    "Models": "weights",
+    "load_into": "weights",
     "replay_fraction": "replay",
     "sequence_losses": "learner",
     "token_losses": "learner",
@@ -37,7 +39,7 @@ __all__ = [
     "CheckpointRef", "CheckpointStore", "DomainShift", "FileEntry", "InfiniteSchedule", "Learner",
     "ModelConfig", "ReplayMixer", "ReplaySchedule", "ScheduleConfig", "Span", "StepStats",
     "TokenPacker", "Tokenizer", "TrainConfig", "Windows", "build_model", "build_tokenizer",
-    "infinite_lr", "load_weights", "replay_fraction", "sequence_losses", "token_losses",
+    "infinite_lr", "load_into", "LoraConfig", "Models", "replay_fraction", "sequence_losses", "token_losses",
 ]
 
 
@@ -47,14 +49,14 @@ __getattr__ = lazy_names(__name__, _WHERE, globals())  # PEP 562: torch / Ray Se
 if TYPE_CHECKING:  # what type checkers and editors see
     from everlearn.learners.batching import ReplayMixer, Span, TokenPacker, Windows
     from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
-    from everlearn.learners.config import ModelConfig, TrainConfig
+    from everlearn.learners.config import LoraConfig, ModelConfig, TrainConfig
     from everlearn.learners.learner import (
         Learner,
         StepStats,
-        load_weights,
         sequence_losses,
         token_losses,
     )
     from everlearn.learners.model import Tokenizer, build_model, build_tokenizer
     from everlearn.learners.replay import DomainShift, ReplaySchedule, replay_fraction
     from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig, infinite_lr
+    from everlearn.learners.weights import Models, load_into

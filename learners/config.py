@@ -1,6 +1,8 @@
 """Configuration of the model and the training loop (pydantic only: the CLI reads it without loading torch)."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TrainConfig(BaseModel):
@@ -19,15 +21,41 @@ class TrainConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs the learner actor reserves in Ray; > 0 trains on CUDA.")
     eval_batch_size: int = Field(16, ge=1, description="Sequences per forward pass when the gates evaluate losses.")
     queue_windows: int = Field(64, ge=1, description="Packed windows ingest may hold ready ahead of training (the bounded queue: backpressure on the source).")  # 8 batches of 8: the learner never waits while the stream has data
-    seed: int = Field(0, description="Seed of torch in the learner (dropout, if any).")
+    seed: int = Field(0, description="Seed of torch in the learner (dropout, LoRA's initial adapters).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the learner trains. auto: CUDA when num_gpus > 0 and a GPU is visible, else the CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16: forward and backward under bfloat16 autocast (weights and optimizer stay float32). auto: bf16 on CUDA, fp32 on the CPU.")  # CPU bf16 kernels are slower than fp32 on most CPUs
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step: the batch is split into this many parts whose gradients add up to the whole batch's (less memory, same step).")
+    compile: bool = Field(False, description="Run the model through torch.compile (first steps are slow while it compiles; checkpoints are unchanged).")  # off: compiling costs minutes on small CPUs and gains little on tiny models
+    compile_backend: str = Field("inductor", description="torch.compile backend when compile is on (inductor; aot_eager or eager to debug).")
+    num_workers: int = Field(1, ge=1, description="Data-parallel learner workers (torch DDP through Ray Train: gloo on CPU, nccl on GPU); each takes its share of every batch.")
 
 
-class ModelConfig(BaseModel):
-    """The language model: a tiny Llama built from these numbers, or a local directory."""
+class LoraConfig(BaseModel):
+    """LoRA adapters (peft): with ``r`` set, only the adapters train and checkpoints hold only them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name_or_path: str | None = Field(None, description="A local `save_pretrained` directory to load (model, and tokenizer if it has one). Empty: build a Llama from the numbers below.")
+    r: int | None = Field(None, ge=1, description="Rank of the LoRA adapters. Empty: full fine-tuning.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")  # peft's and the LoRA paper's common value
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input while training.")  # 0: a streaming learner sees little repetition to overfit
+    target_modules: list[str] | Literal["all-linear"] | None = Field(None, description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear. Empty: peft's default for the architecture.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is an empty list; name modules (e.g. [q_proj, v_proj]), write all-linear, or leave it out")
+        return v
+
+
+class ModelConfig(BaseModel):
+    """The language model: a tiny Llama built from these numbers, a local directory, or a hub id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str | None = Field(None, description="A Hugging Face causal LM: a local `save_pretrained` directory (its tokenizer too when it has one; the byte tokenizer otherwise), or a hub id on machines that reach the hub. Empty: build a Llama from the numbers below.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel: sdpa (torch's scaled_dot_product_attention, flash/memory-efficient on GPUs) or eager.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description=LoraConfig.__doc__)
     hidden_size: int = Field(256, ge=8, description="Width of the built model.")  # 4 x 256 Llama = 5.3M params, ~3.5k tok/s on 2 CPU threads
     num_layers: int = Field(4, ge=1, description="Transformer blocks of the built model.")
     num_heads: int = Field(4, ge=1, description="Attention heads of the built model; must divide hidden_size.")

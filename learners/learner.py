@@ -1,8 +1,17 @@
 """The learner: one model, AdamW and the infinite schedule; run as a Ray actor by the train stage.
 
 Plain class, so unit tests drive it in-process; the train stage wraps it with
-``ray.remote``. It writes its own checkpoint files (weights, optimizer, step)
-into the store and returns their digests; the daemon commits the manifest.
+``ray.remote``. It writes its own checkpoint files (weights or LoRA adapters,
+optimizer, step; learners/weights.py) into the store and returns their
+digests; the daemon commits the manifest.
+
+The device is chosen by config (CUDA when asked for and visible, else the
+CPU), with bfloat16 autocast, optional ``torch.compile`` and gradient
+accumulation: the batch is split into micro-batches whose losses are summed
+over tokens and divided by the whole batch's token count, so the step is the
+same whatever the split. The same division by the tokens of the global batch
+makes data-parallel workers (learners/ddp.py) take exactly the single
+learner's step.
 
 A step whose loss or gradient norm is not finite is skipped: no optimizer
 update, weights and optimizer state untouched, the step counter unchanged;
@@ -11,6 +20,7 @@ finite are never written to a checkpoint. The learner holds one model: other
 checkpoints are evaluated by the judge's evaluator, not here.
 """
 
+import contextlib
 import io
 import json
 import math
@@ -19,20 +29,29 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 
 from everlearn import failpoints
-from everlearn.errors import NonFiniteError
+from everlearn.errors import ModelLoadError, NonFiniteError
 from everlearn.learners.checkpoints import CheckpointRef, CheckpointStore, FileEntry
 from everlearn.learners.config import TrainConfig
 from everlearn.learners.model import ModelConfig, build_model, build_tokenizer
 from everlearn.learners.schedules import InfiniteSchedule, ScheduleConfig
+from everlearn.learners.weights import (
+    ADAPTER,
+    BASE,
+    WEIGHTS,
+    base_digest,
+    checkpoint_files,
+    load_into,
+    with_lora,
+)
 
-WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 LEARNER_STATE = "learner.json"
+__all__ = ["ADAPTER", "BASE", "LEARNER_STATE", "OPTIMIZER", "WEIGHTS", "Learner", "StepStats", "pick_device", "sequence_losses",
+           "token_losses"]
 
 
 @dataclass(frozen=True)
@@ -49,23 +68,24 @@ class StepStats:
         return asdict(self)
 
 
-def weights_bytes(model: torch.nn.Module) -> bytes:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    return safetensors.torch.save(tensors)
-
-
-def load_weights(model: torch.nn.Module, store: CheckpointStore, ref: CheckpointRef) -> None:
-    """Load verified safetensors weights from ``ref`` into ``model`` (strict)."""
-    device = next(model.parameters()).device
-    state = safetensors.torch.load(store.read(ref, WEIGHTS))
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+def pick_device(cfg: TrainConfig) -> torch.device:
+    """train.device: auto is CUDA when the learner reserved a GPU and one is visible, else the CPU."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ModelLoadError("train.device=cuda but no CUDA GPU is visible to the learner; give it one (train.num_gpus: 1 on a "
+                             "node with GPUs) or set train.device: auto")
+    if cfg.device == "cuda" or (cfg.device == "auto" and cfg.num_gpus > 0 and cuda):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _inputs(tokens: np.ndarray, lengths: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(device)
+    ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64))
+    if device.type == "cuda":  # pinned pages copy to the GPU asynchronously
+        ids, lens = ids.pin_memory().to(device, non_blocking=True), lens.pin_memory().to(device, non_blocking=True)
     positions = torch.arange(ids.shape[1], device=device)[None, :]
-    mask = positions < torch.from_numpy(np.asarray(lengths, dtype=np.int64)).to(device)[:, None]
-    return ids, mask
+    return ids, positions < lens[:, None]
 
 
 def sequence_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray,
@@ -95,44 +115,87 @@ def token_losses(model: torch.nn.Module, tokens: np.ndarray, lengths: np.ndarray
     return float(sums.sum()), int(counts.sum())
 
 
+def predicted_tokens(lengths: np.ndarray) -> int:
+    """Tokens that carry a loss in sequences of these lengths (each predicts all but its first)."""
+    return int(np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0).sum())
+
+
 class Learner:
-    """Trains one causal LM on packed batches; evaluates it and other checkpoints."""
+    """Trains one causal LM on packed batches; evaluates it and other checkpoints.
+
+    ``rank`` and ``world_size``: this learner's place among data-parallel workers
+    (learners/ddp.py wraps ``net`` in DistributedDataParallel); one learner is rank 0 of 1.
+    """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, schedule_cfg: ScheduleConfig, store_url: str,
-                 storage_options: dict | None = None, store_timeout_s: float = 60.0):
+                 storage_options: dict | None = None, store_timeout_s: float = 60.0, rank: int = 0, world_size: int = 1):
         torch.set_num_threads(train_cfg.torch_threads)
         torch.manual_seed(train_cfg.seed)
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
-        self.device = torch.device("cuda" if train_cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.rank, self.world_size = rank, world_size
+        self.device = pick_device(train_cfg)
+        self.bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and self.device.type == "cuda")
         self.tokenizer = build_tokenizer(model_cfg)
-        self.model = build_model(model_cfg, self.tokenizer).to(self.device)
+        model = build_model(model_cfg, self.tokenizer).to(self.device)
+        self.base: dict[str, Any] | None = None  # LoRA: the base's identity, written beside every adapter
+        if model_cfg.lora.r:
+            self.base = {"name_or_path": model_cfg.name_or_path or "built from model config",
+                         "model_type": getattr(model.config, "model_type", None), "sha256": base_digest(model),
+                         "lora": model_cfg.lora.model_dump(mode="json")}
+            model = with_lora(model, model_cfg.lora)
+        self.model = model
         self.model.train()
+        self.net: torch.nn.Module = self.model  # what the forward runs: the model, compiled, or wrapped for DDP
+        if train_cfg.compile:
+            self.net = torch.compile(self.model, backend=train_cfg.compile_backend)
         self.schedule = InfiniteSchedule(schedule_cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.schedule(0), betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay
+            self.params, lr=self.schedule(0), betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay
         )
         self.step = 0
         self.store = CheckpointStore(store_url, storage_options, timeout_s=store_timeout_s)
 
-    def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None, lr_scale: float = 1.0) -> StepStats:
-        """One optimizer step; ``lr_scale`` multiplies the schedule's LR for this step (a drift response)."""
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _loss_sum(self, tokens: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """Summed next-token cross-entropy (nats) of the rows, with gradients."""
+        ids, mask = _inputs(tokens, lengths, self.device)
+        with self._autocast():
+            logits = self.net(input_ids=ids, attention_mask=mask.long()).logits
+        logits = logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+    def train_step(self, tokens: np.ndarray, lengths: np.ndarray | None = None, lr_scale: float = 1.0,
+                   total_tokens: int | None = None) -> StepStats:
+        """One optimizer step; ``lr_scale`` multiplies the schedule's LR for this step (a drift response).
+
+        ``total_tokens``: predicted tokens of the whole step across data-parallel workers (default: these rows').
+        """
         t0 = time.perf_counter()
         if lengths is None:
             lengths = np.full(len(tokens), tokens.shape[1], dtype=np.int32)
         lr = self.schedule(self.step) * lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ids, mask = _inputs(tokens, lengths, self.device)
-        labels = ids.masked_fill(~mask, -100)
-        loss = self.model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
-        if failpoints.hit("learner.loss") == "nan":  # tests: a batch whose loss is NaN
-            loss = loss * float("nan")
-        loss_value = float(loss.detach())
-        n_tokens = int(mask[:, 1:].sum())
+        n_tokens = predicted_tokens(lengths)
+        denom = max(total_tokens if total_tokens is not None else n_tokens, 1) / self.world_size  # DDP averages over workers
+        parts = [p for p in np.array_split(np.arange(len(tokens)), min(self.train_cfg.grad_accum_steps, max(len(tokens), 1))) if len(p)]
+        loss_sum = 0.0
+        for i, rows in enumerate(parts):
+            sync = i == len(parts) - 1 or not hasattr(self.net, "no_sync")  # DDP: all-reduce once, after the last micro-batch
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                loss = self._loss_sum(tokens[rows], lengths[rows])
+                if i == 0 and failpoints.hit("learner.loss") == "nan":  # tests: a batch whose loss is NaN
+                    loss = loss * float("nan")
+                (loss / denom).backward()  # always backward: data-parallel workers must all reach the all-reduce
+            loss_sum += float(loss.detach())
+        loss_value = loss_sum / max(n_tokens, 1)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.train_cfg.grad_clip))
         if not math.isfinite(loss_value):
             return self._skip(f"non-finite loss {loss_value}", loss_value, float("nan"), lr, n_tokens, t0)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip))
         if not math.isfinite(grad_norm):
             return self._skip(f"non-finite gradient norm {grad_norm}", loss_value, grad_norm, lr, n_tokens, t0)
         self.optimizer.step()
@@ -159,21 +222,20 @@ class Learner:
 
     # -- checkpointing -------------------------------------------------------
     def save(self, step: int) -> dict[str, FileEntry]:
-        """Write weights, optimizer and learner state into the checkpoint for ``step``; never non-finite weights."""
+        """Write weights (or adapter), optimizer and learner state into the checkpoint for ``step``; never non-finite weights."""
         if not self.finite():
             raise NonFiniteError(f"the model's weights hold NaN or infinite values at step {self.step}; not checkpointing them")
         buf = io.BytesIO()
         torch.save(self.optimizer.state_dict(), buf)
         state = {"step": self.step, "schedule": self.schedule.state_dict()}
-        return {
-            WEIGHTS: self.store.put(step, WEIGHTS, weights_bytes(self.model)),
-            OPTIMIZER: self.store.put(step, OPTIMIZER, buf.getvalue()),
-            LEARNER_STATE: self.store.put(step, LEARNER_STATE, json.dumps(state).encode()),
-        }
+        files = {name: self.store.put(step, name, data) for name, data in checkpoint_files(self.model, self.base).items()}
+        files[OPTIMIZER] = self.store.put(step, OPTIMIZER, buf.getvalue())
+        files[LEARNER_STATE] = self.store.put(step, LEARNER_STATE, json.dumps(state).encode())
+        return files
 
     def load(self, ref: CheckpointRef) -> int:
         """Restore weights, optimizer and step from a verified checkpoint; returns the step."""
-        load_weights(self.model, self.store, ref)
+        load_into(self.model, self.store, ref, self.base)
         opt_state = torch.load(io.BytesIO(self.store.read(ref, OPTIMIZER)), weights_only=True, map_location=self.device)
         self.optimizer.load_state_dict(opt_state)
         state = json.loads(self.store.read(ref, LEARNER_STATE))

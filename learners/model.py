@@ -1,8 +1,11 @@
-"""Tokenizer and causal LM, built from config or loaded from a local directory.
+"""Tokenizer and causal LM, built from config, loaded from a local directory or from the hub.
 
-No hub downloads: by default the model is a small Llama built from the config
-below and the tokenizer is the byte-level ``ByT5Tokenizer`` (it needs no
-files). ``name_or_path`` loads any ``save_pretrained`` directory instead.
+By default the model is a small Llama built from the config and the tokenizer
+is the byte-level ``ByT5Tokenizer`` (it needs no files). ``name_or_path``
+loads any Hugging Face causal LM instead (``AutoModelForCausalLM``): a local
+``save_pretrained`` directory, with its own tokenizer when it has one, or a hub
+id on a machine that reaches the hub. What a checkpoint holds of the model
+(full weights or LoRA adapters) is ``learners/weights.py``'s business.
 """
 
 from pathlib import Path
@@ -18,6 +21,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 from everlearn.errors import ModelLoadError
 from everlearn.learners.config import ModelConfig
@@ -43,23 +47,54 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` (or ``name``) that is not a path on this machine: loaded from the Hugging Face hub."""
+    return not Path(name).exists() and not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
 def build_tokenizer(cfg: ModelConfig) -> Tokenizer:
-    if cfg.name_or_path and any((Path(cfg.name_or_path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return Tokenizer(AutoTokenizer.from_pretrained(cfg.name_or_path))
+    """The model directory's own tokenizer when it has one (a hub model always has), the byte tokenizer otherwise."""
+    name = cfg.name_or_path
+    if name and (is_hub_id(name) or any((Path(name) / f).exists() for f in TOKENIZER_FILES)):
+        try:
+            return Tokenizer(AutoTokenizer.from_pretrained(name))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the tokenizer of model.name_or_path={name!r}: {e}") from e
     return Tokenizer(ByT5Tokenizer())
 
 
+def _from_pretrained(cfg: ModelConfig) -> PreTrainedModel:
+    name = cfg.name_or_path
+    if not is_hub_id(name) and not (Path(name) / "config.json").exists():
+        raise ModelLoadError(
+            f"model.name_or_path={name!r} is not a save_pretrained directory (no config.json there); "
+            "point it at a directory written by model.save_pretrained(), give a hub id (org/name), "
+            "or leave it empty to build a model from config"
+        )
+    hf_logging.disable_progress_bar()  # a bar per load in the daemon's log says nothing
+    try:
+        AutoConfig.from_pretrained(name)  # fails early, with transformers' message, on a bad config
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    except OSError as e:  # a hub id on a machine without the hub, or a directory without weights
+        hint = ("; on a machine without access to the Hugging Face hub, save_pretrained the model into a directory and "
+                "point model.name_or_path at it") if is_hub_id(name) else ""
+        raise ModelLoadError(f"cannot load model.name_or_path={name!r}: {e}{hint}") from e
+
+
 def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> PreTrainedModel:
-    """The causal LM in float32 on the CPU (callers choose train or eval mode)."""
+    """The causal LM in float32 on the CPU (callers choose device, train or eval mode)."""
     if cfg.name_or_path:
-        path = Path(cfg.name_or_path)
-        if not (path / "config.json").exists():
+        model = _from_pretrained(cfg)
+        rows = model.get_input_embeddings().num_embeddings
+        if tokenizer.vocab_size > rows:
             raise ModelLoadError(
-                f"model.name_or_path={cfg.name_or_path!r} is not a save_pretrained directory (no config.json there); "
-                "point it at a directory written by model.save_pretrained(), or leave it empty to build a model from config"
+                f"the tokenizer has {tokenizer.vocab_size} ids but {cfg.name_or_path!r} embeds only {rows}; "
+                "save the model's own tokenizer into its directory (tokenizer.save_pretrained), or resize its embeddings"
             )
-        AutoConfig.from_pretrained(path)  # fails early, with transformers' message, on a bad config
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return model
     if cfg.hidden_size % cfg.num_heads:
         raise ModelLoadError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
     config = LlamaConfig(
@@ -74,6 +109,7 @@ def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> PreTrainedModel:
         pad_token_id=tokenizer.pad_id,
         eos_token_id=tokenizer.eos_id,
         bos_token_id=None,
+        attn_implementation=cfg.attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -20,11 +20,11 @@ from everlearn.learners.learner import (
     OPTIMIZER,
     WEIGHTS,
     Learner,
-    load_weights,
     token_losses,
 )
 from everlearn.learners.model import ModelConfig, Tokenizer, build_model, build_tokenizer
 from everlearn.learners.schedules import ScheduleConfig
+from everlearn.learners.weights import load_into
 
 pytestmark = pytest.mark.unit
 
@@ -350,13 +350,13 @@ def test_token_losses_counts_predicted_tokens(store_url):
     assert total / count == pytest.approx(manual_mean_loss(learner.model, tokens, lengths), rel=1e-5)
 
 
-def test_load_weights_into_a_built_model(store_url):
+def test_load_into_a_built_model(store_url):
     learner = new_learner(store_url)
     learner.train_step(batch())
     learner.train_step(batch())
     ref = learner.store.commit(learner.step, learner.save(learner.step))
     model = build_model(model_cfg(), learner.tokenizer)
-    load_weights(model, CheckpointStore(store_url), ref)
+    load_into(model, CheckpointStore(store_url), ref)
     assert_same_weights(weights(model), weights(learner.model))
 
 
