@@ -50,7 +50,8 @@ from everlearn.learners.weights import (
 
 OPTIMIZER = "optimizer.pt"
 LEARNER_STATE = "learner.json"
-__all__ = ["ADAPTER", "BASE", "LEARNER_STATE", "OPTIMIZER", "WEIGHTS", "Learner", "StepStats", "pick_device", "sequence_losses",
+RNG = "rng.pt"  # torch's generators: dropout (GPT-2's, LoRA's) draws the same masks after a resume
+__all__ = ["ADAPTER", "BASE", "LEARNER_STATE", "OPTIMIZER", "RNG", "WEIGHTS", "Learner", "StepStats", "pick_device", "sequence_losses",
            "token_losses"]
 
 
@@ -231,6 +232,9 @@ class Learner:
         files = {name: self.store.put(step, name, data) for name, data in checkpoint_files(self.model, self.base).items()}
         files[OPTIMIZER] = self.store.put(step, OPTIMIZER, buf.getvalue())
         files[LEARNER_STATE] = self.store.put(step, LEARNER_STATE, json.dumps(state).encode())
+        rng = io.BytesIO()
+        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}, rng)
+        files[RNG] = self.store.put(step, RNG, rng.getvalue())
         return files
 
     def load(self, ref: CheckpointRef) -> int:
@@ -241,6 +245,11 @@ class Learner:
         state = json.loads(self.store.read(ref, LEARNER_STATE))
         self.step = int(state["step"])
         self.schedule.load_state_dict(state.get("schedule", {}))
+        if RNG in self.store.manifest(ref)["files"]:  # checkpoints from before it have none
+            rng = torch.load(io.BytesIO(self.store.read(ref, RNG)), weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(rng["cuda"])
         return self.step
 
     def ping(self) -> int:

@@ -60,9 +60,13 @@ def build_tokenizer(cfg: ModelConfig) -> Tokenizer:
     name = cfg.name_or_path
     if name and (is_hub_id(name) or any((Path(name) / f).exists() for f in TOKENIZER_FILES)):
         try:
-            return Tokenizer(AutoTokenizer.from_pretrained(name))
+            tok = Tokenizer(AutoTokenizer.from_pretrained(name))
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load the tokenizer of model.name_or_path={name!r}: {e}") from e
+        if len(tok.encode("everlearn probe")) == 0:  # e.g. a tokenizer class chosen by model type that has no vocabulary files
+            raise ModelLoadError(f"the tokenizer in {name!r} ({type(tok.hf).__name__}) turns text into no tokens; save the model's "
+                                 "own tokenizer there (tokenizer.save_pretrained), or remove the tokenizer files to use bytes")
+        return tok
     return Tokenizer(ByT5Tokenizer())
 
 
