@@ -1,4 +1,4 @@
-"""``everlearn``: run | status | validate | rollback | promote | pause | resume | gates explain."""
+"""``everlearn``: run | status | validate | rollback | promote | pause | resume | gates explain | export."""
 
 import argparse
 import json
@@ -153,6 +153,16 @@ def cmd_gates_explain(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from everlearn.daemon.export import export
+
+    written = export(_config(args), args.step, Path(args.dir), merged=args.merged, force=args.force)
+    print(json.dumps(written, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="everlearn", description="A streaming continual-learning daemon.", epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
@@ -204,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--audit", help="the audit log (default: <run_dir>/audit.jsonl)")
     ex.add_argument("--json", action="store_true", help="print the raw records")
     ex.set_defaults(func=cmd_gates_explain)
+
+    xp = sub.add_parser("export", help="write a checkpoint's model as a save_pretrained directory (LoRA: the adapter, or --merged)",
+                        epilog=EPILOG)
+    common(xp)
+    xp.add_argument("step", metavar="STEP", help="a committed step, latest, or served")
+    xp.add_argument("dir", metavar="DIR", help="the directory to write (new or empty)")
+    xp.add_argument("--merged", action="store_true", help="LoRA: merge the adapter into the base and write a plain model")
+    xp.add_argument("--force", action="store_true", help="replace DIR when it is not empty")
+    xp.set_defaults(func=cmd_export)
     return p
 
 
