@@ -138,6 +138,10 @@ class Learner:
         self.bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and self.device.type == "cuda")
         self.tokenizer = build_tokenizer(model_cfg)
         model = build_model(model_cfg, self.tokenizer).to(self.device)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and context < train_cfg.seq_len:
+            raise ModelLoadError(f"train.seq_len={train_cfg.seq_len} is longer than the model's context ({context} positions); "
+                                 f"set train.seq_len <= {context}")
         self.base: dict[str, Any] | None = None  # LoRA: the base's identity, written beside every adapter
         if model_cfg.lora.r:
             self.base = {"name_or_path": model_cfg.name_or_path or "built from model config",

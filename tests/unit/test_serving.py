@@ -134,6 +134,33 @@ def test_the_registry_swaps_the_replica_to_the_promoted_weights(trained, replica
     assert r.server.loaded.model is before and r.call("GET", "/version")[1]["version"] == 2
 
 
+def test_a_lora_replica_holds_the_base_once_and_swaps_only_adapters(tmp_path, replicas):
+    lora = MODEL.model_copy(update={"lora": MODEL.lora.model_copy(update={"r": 4})})
+    url = str(tmp_path / "lora")
+    learner = Learner(lora, TrainConfig(seq_len=16, batch_size=4, torch_threads=1),
+                      ScheduleConfig(warmup_steps=1, cooldown_steps=1, peak_lr=3e-2, constant_lr=3e-2, min_lr=1e-3), url)
+    store = CheckpointStore(url)
+    ref0 = store.commit(0, learner.save(0))
+    tokens = np.tile((np.arange(16, dtype=np.int32) % 5) + 100, (4, 1))
+    for _ in range(8):
+        learner.train_step(tokens)
+    ref8 = store.commit(8, learner.save(8))
+    assert "adapter.safetensors" in store.manifest(ref8)["files"] and "model.safetensors" not in store.manifest(ref8)["files"]
+
+    r = replicas({"version": 0, **ref0.to_dict()}, model=lora.model_dump())
+    text = "".join(chr(97 + (i % 5)) for i in range(15))
+    loss0 = r.call("POST", "/score", {"text": text})[1]["loss"]
+    first = r.server.loaded.model
+    r.registry.set({"version": 1, **ref8.to_dict()})
+    r.wait_version(1)
+    code, answer = r.call("POST", "/score", {"text": text})
+    assert code == 200 and answer["version"] == 1 and answer["loss"] < loss0 - 0.1
+    base = r.server.models.base.get_input_embeddings().weight
+    assert first.get_input_embeddings().weight.data_ptr() == base.data_ptr() == r.server.loaded.model.get_input_embeddings().weight.data_ptr()
+    assert first is not r.server.loaded.model  # the old version's model is untouched: requests that hold it finish on it
+    assert r.call("GET", "/version")[1]["manifest_sha256"] == ref8.manifest_sha256
+
+
 def test_a_damaged_checkpoint_is_refused_reported_and_serving_keeps_its_version(trained, tmp_path, replicas):
     store, ref0, ref5, _ = trained
     r = replicas({"version": 0, **ref0.to_dict()})
