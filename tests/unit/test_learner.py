@@ -18,6 +18,7 @@ from everlearn.learners.config import TrainConfig
 from everlearn.learners.learner import (
     LEARNER_STATE,
     OPTIMIZER,
+    RNG,
     WEIGHTS,
     Learner,
     token_losses,
@@ -180,7 +181,7 @@ def test_save_and_load_restore_weights_optimizer_and_step(store_url):
         a.train_step(batch(i))
     a.schedule.anneal_start = 100
     files = a.save(a.step)
-    assert set(files) == {WEIGHTS, OPTIMIZER, LEARNER_STATE}
+    assert set(files) == {WEIGHTS, OPTIMIZER, LEARNER_STATE, RNG}
     ref = a.store.commit(a.step, files)
 
     b = new_learner(store_url)  # a fresh process would start from the initial weights
