@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EverlearnError as e:
-        print(f"everlearn {args.command}: {e}", file=sys.stderr)
+        cause = getattr(e, "cause", None)  # raised in a Ray actor: the error itself, without the actor's traceback
+        print(f"everlearn {args.command}: {cause if isinstance(cause, EverlearnError) else e}", file=sys.stderr)
         return 2
 
 
