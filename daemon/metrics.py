@@ -95,6 +95,10 @@ class Metrics:
         self.gate_failures = Counter(f"{PREFIX}_gate_failures", "Candidates refused or skipped, by the first gate that failed (evidence, sanity, improvement, forgetting, anchor, behaviour, generation).", ["gate"], registry=r)
         self.judge_seconds = Histogram(f"{PREFIX}_judge_seconds", "Time from submitting a candidate to the evaluator to its verdict.", registry=r,
                                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.branch_steps = Counter(f"{PREFIX}_branch_steps", "Optimizer steps taken by anneal branches (gate.candidate: anneal_branch), beside the trunk's.", registry=r)
+        self.branch_seconds = Histogram(f"{PREFIX}_branch_seconds", "Wall time of one anneal branch, from its start to its committed candidate.", registry=r,
+                                        buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+        self.branches = Counter(f"{PREFIX}_branches", "Anneal branches by outcome: done, reused (committed before a restart), failed, skipped (the trunk was judged).", ["outcome"], registry=r)
         self.promotions = Counter(f"{PREFIX}_promotions", "Versions promoted into serving.", registry=r)
         self.promotions_reverted = Counter(f"{PREFIX}_promotions_reverted", "Promotions undone because serving could not load the version.", registry=r)
         self.serving_rollbacks = Counter(f"{PREFIX}_serving_rollbacks", "Rollbacks of serving to an earlier promoted version, by trigger (manual: the admin API; auto: post-swap monitoring).", ["trigger"], registry=r)

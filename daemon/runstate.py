@@ -5,8 +5,13 @@
     step-N/ingest.safetensors, ingest.json                 pending tokens and the fresh held-out window
                                                            as arrays; source position, counters (ingest)
     step-N/holdout_old-*.safetensors, holdout_old.json     the old held-out reservoir (ingest)
-    step-N/daemon.json                                     the run: step, counters, served record, judge
+    step-N/branch.safetensors                              anneal branches (gate.candidate: anneal_branch): the
+                                                           fresh ring and the anneal's batches (daemon/branching.py)
+    step-N/daemon.json                                     the run: step, counters, served record, judge, branch
     step-N/manifest.json                                   every file's sha256; created last
+
+Parts beside the stages (``attach``: the anneal branches) add files, a key of
+daemon.json and checkpoints to protect from the sweep.
 
 A failpoint sits between every two writes (``checkpoint.*``), so the
 reliability suite can crash the process at each of them.
@@ -36,6 +41,11 @@ FORMAT = 2  # 1: pending tokens and the fresh window as JSON lists inside daemon
 class RunState:
     def __init__(self, store: CheckpointStore, shard_mb: int, metrics, events: Callable[..., None]):
         self.store, self.shard_bytes, self.metrics, self.events = store, shard_mb << 20, metrics, events
+        self.parts: list = []  # each: key, files(step), state_dict(step), protect(), load(state, read)
+
+    def attach(self, part) -> None:
+        """A part of the run with files, state (daemon.json[part.key]) and protected checkpoints of its own."""
+        self.parts.append(part)
 
     def report(self, set_aside: SetAside) -> None:
         for name, where, reason in set_aside.moved:
@@ -58,6 +68,11 @@ class RunState:
         for name, data in to_files(HOLDOUT_OLD, state["holdout_old"], self.shard_bytes).items():
             files[name] = self.store.put(step, name, data)
         failpoints.hit("checkpoint.ingest_saved")
+        for part in self.parts:
+            for name, data in part.files(step).items():
+                files[name] = self.store.put(step, name, data)
+            daemon = {**daemon, part.key: part.state_dict(step)}
+            protect = protect | part.protect()
         files[DAEMON_STATE] = self.store.put(step, DAEMON_STATE, json.dumps({**daemon, "step": step, "format": FORMAT}, default=str).encode())
         failpoints.hit("checkpoint.before_manifest")
         ref = self.store.commit(step, files, meta=meta)
@@ -87,4 +102,7 @@ class RunState:
             state = {"legacy": daemon, "holdout_old": old}
         ingest.load_state_dict(state)
         judge.load_state_dict(daemon.get("judge", {}))
+        names = self.store.manifest(ref)["files"]
+        for part in self.parts:
+            part.load(daemon.get(part.key), lambda name: self.store.read(ref, name) if name in names else None)
         return daemon

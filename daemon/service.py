@@ -21,6 +21,7 @@ from typing import Any
 
 from everlearn.buffers.persist import buffer_digest
 from everlearn.daemon.admin import AdminQueue, admin_endpoint
+from everlearn.daemon.branching import BranchStage
 from everlearn.daemon.config import Config
 from everlearn.daemon.deadletter import DeadLetterSink
 from everlearn.daemon.demo import seed_if_empty
@@ -81,6 +82,7 @@ class Daemon:
         self.rate = Rate(clock)
         self.admin = AdminQueue(cfg.admin.action_timeout_s)
         self.monitors = Monitors(self)
+        self.branch = BranchStage(self)  # gate.candidate: anneal_branch (its state rides in every run checkpoint: runstate.attach)
         self.paused: dict[str, Any] | None = read_paused(self.run_dir)
         self.metrics.paused.set(1 if self.paused else 0)
         self._ray_owned = False
@@ -162,7 +164,7 @@ class Daemon:
         self.admin.fail_pending("the daemon is stopping; the action was not carried out")
         self.progress.close()
         self.ingest.close()
-        for stage in (self.judge, self.train):
+        for stage in (self.branch, self.judge, self.train):
             with contextlib.suppress(Exception):
                 stage.stop()
         # Serving is left running on a cluster the daemon joined: it keeps answering with the promoted
@@ -205,6 +207,7 @@ class Daemon:
                 continue
             if stats.skipped:
                 continue
+            self.branch.observe(windows.tokens)  # the newest fresh windows feed an anneal branch
             self.state, self.step, taken = "training", stats.step, taken + 1
             self._observe(stats)
             self.monitors.after_step()
@@ -271,18 +274,20 @@ class Daemon:
         if self.judge.pending is not None:  # judgements never pile up: wait for the one in flight
             while self.judge.pending is not None and not self.stop_event.is_set():
                 self._collect(timeout=0.5)
+        judged = self.branch.plan(self.step)  # trunk | branch | busy (a branch still runs; the trunk never waits for it)
         candidate = self._checkpoint()
-        if candidate is not None:
-            evidence = self.ingest.evidence(self.cfg.gate.max_eval_sequences)
-            self.monitors.judged(self.step, self.promote.served, evidence)
-            verdict = self.judge.submit(self.step, candidate, dict(self.promote.served), evidence)
-            if verdict is not None:
-                self._decide(verdict)
-
-    def _collect(self, timeout: float = 0.0) -> None:
-        verdict = self.judge.poll(timeout)
+        if candidate is None or judged == "busy" or (judged == "branch" and self.branch.start(candidate)):
+            return  # a branch's candidate is judged when the branch is done (_collect)
+        evidence = self.ingest.evidence(self.cfg.gate.max_eval_sequences)
+        self.monitors.judged(self.step, self.promote.served, evidence)
+        verdict = self.judge.submit(self.step, candidate, dict(self.promote.served), evidence)
         if verdict is not None:
             self._decide(verdict)
+
+    def _collect(self, timeout: float = 0.0) -> None:
+        for poll in (lambda: self.judge.poll(timeout), self.branch.poll):  # the judge first: a finished branch may need it free
+            if (verdict := poll()) is not None:
+                self._decide(verdict)
 
     def _decide(self, j) -> None:
         record = j.audit_record(self.cfg.gate)

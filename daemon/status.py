@@ -85,6 +85,7 @@ def compose_status(d) -> dict[str, Any]:
         "served_step": served.get("step"),
         "last_gate": d.judge.last,
         "judging_step": d.judge.pending.step if d.judge.pending else None,
+        "branch": d.branch.status(),
         "last_checkpoint": d.last_checkpoint.name if d.last_checkpoint else None,
         "serving_url": d.promote.server.url if d.promote.server else None,
         "resumed_from_step": d.resumed_from.step if d.resumed_from else None,

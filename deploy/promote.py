@@ -67,9 +67,16 @@ class PromoteStage:
             return None
         return doc if isinstance(doc, dict) and "version" in doc else None
 
+    def store_of(self, ref: CheckpointRef) -> CheckpointStore:
+        """The store that holds ``ref``: the run's, or one beside it (anneal branches: <checkpoints>/branches)."""
+        if ref.store_url == self.store.uri(ref.name).rsplit("/", 1)[0]:
+            return self.store
+        return CheckpointStore(ref.store_url, self.store.storage_options, timeout_s=self.store.timeout_s)
+
     def _verifies(self, record: dict[str, Any]) -> bool:
         try:
-            self.store.verify(CheckpointRef.from_dict(record))
+            ref = CheckpointRef.from_dict(record)
+            self.store_of(ref).verify(ref)
             return True
         except StorageUnavailable:
             raise
@@ -228,7 +235,8 @@ class PromoteStage:
         self.metrics.gate_decisions.labels("promoted").inc()
         failpoints.hit("promote.after_audit")
         if failpoints.hit("promote.before_swap") == "damage":  # tests: a version serving cannot load
-            self.store.fs.pipe_file(f"{self.store.root}/{j.candidate.name}/{WEIGHTS}", b"damaged after judging")
+            store = self.store_of(j.candidate)
+            store.fs.pipe_file(f"{store.root}/{j.candidate.name}/{WEIGHTS}", b"damaged after judging")
         self.publish()
         if self.server is not None:
             try:
