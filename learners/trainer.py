@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from everlearn import failpoints
@@ -56,6 +57,13 @@ class TrainStage:
 
     # -- the actor -----------------------------------------------------------
     def start(self) -> None:
+        if self.train_cfg.num_workers > 1:  # data-parallel workers through Ray Train (learners/ddp.py), same calls
+            from everlearn.learners.ddp import LearnerGroup
+
+            env = {failpoints.ENV: os.environ[failpoints.ENV]} if os.environ.get(failpoints.ENV) else None
+            self.learner = LearnerGroup(self.model_cfg, self.train_cfg, self.schedule_cfg, self.store.url, self.store.storage_options,
+                                        self.store.timeout_s, env_vars=env).start()
+            return
         options: dict[str, Any] = {"num_cpus": self.train_cfg.num_cpus, "num_gpus": self.train_cfg.num_gpus, "max_restarts": 0}
         if os.environ.get(failpoints.ENV):  # tests: the learner's failpoints are the daemon's, on any cluster
             options["runtime_env"] = {"env_vars": {failpoints.ENV: os.environ[failpoints.ENV]}}
@@ -65,8 +73,11 @@ class TrainStage:
 
     def stop(self) -> None:
         if self.learner is not None:
-            with contextlib.suppress(Exception):  # already dead is fine
-                ray.kill(self.learner, no_restart=True)
+            if isinstance(self.learner, ActorHandle):
+                with contextlib.suppress(Exception):  # already dead is fine
+                    ray.kill(self.learner, no_restart=True)
+            else:  # a LearnerGroup: its Ray Train run, workers and mailbox
+                self.learner.stop()
             self.learner = None
 
     def restart(self) -> None:
@@ -75,6 +86,8 @@ class TrainStage:
 
     def _call(self, method: str, *args):
         try:
+            if not isinstance(self.learner, ActorHandle):  # a LearnerGroup raises StageFailed itself when a worker dies
+                return getattr(self.learner, method)(*args)
             return ray.get(getattr(self.learner, method).remote(*args))
         except RayActorError as e:
             raise StageFailed("train", f"the learner actor died ({type(e).__name__}: {str(e).splitlines()[0][:300]})", actor_died=True) from e

@@ -23,6 +23,17 @@ def port_factory():
     return free_port
 
 
+@pytest.fixture
+def no_failpoints(monkeypatch):
+    """The test starts and ends with no failpoint armed, in this process and for the actors it starts."""
+    from everlearn import failpoints
+
+    monkeypatch.delenv(failpoints.ENV, raising=False)
+    failpoints.reload("")
+    yield
+    failpoints.reload("")
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

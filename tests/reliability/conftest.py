@@ -2,13 +2,8 @@
 
 import pytest
 
-from everlearn import failpoints
-
 
 @pytest.fixture(autouse=True)
-def _no_failpoints(monkeypatch):
+def _no_failpoints(no_failpoints):
     """Every scenario starts and ends with no failpoint armed, in this process and for its actors."""
-    monkeypatch.delenv(failpoints.ENV, raising=False)
-    failpoints.reload("")
     yield
-    failpoints.reload("")

@@ -14,12 +14,8 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(autouse=True)
-def _disarmed(monkeypatch):
-    """Every test starts and ends with no failpoint armed in this process."""
-    monkeypatch.delenv(failpoints.ENV, raising=False)
-    failpoints.reload("")
+def _no_failpoints(no_failpoints):
     yield
-    failpoints.reload("")
 
 
 def fired(name: str, hits: int) -> list[int]:

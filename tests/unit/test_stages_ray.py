@@ -46,11 +46,8 @@ def local_ray():
 
 
 @pytest.fixture(autouse=True)
-def _no_failpoints_here(monkeypatch):
-    monkeypatch.delenv(failpoints.ENV, raising=False)
-    failpoints.reload("")
+def _no_failpoints(no_failpoints):
     yield
-    failpoints.reload("")
 
 
 class Recorder:
