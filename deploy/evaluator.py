@@ -51,13 +51,15 @@ class Evaluator:
     """Plain class (unit tests drive it in-process); the judge stage runs it as a Ray actor."""
 
     def __init__(self, model_cfg: ModelConfig, storage_options: dict | None = None, torch_threads: int = 1,
-                 batch_size: int = 16, cache: int = 3, scores_per_model: int = 16384):
+                 batch_size: int = 16, cache: int = 3, scores_per_model: int = 16384, device: str = "cpu"):
         torch.set_num_threads(torch_threads)
         self.model_cfg = model_cfg
         self.storage_options = dict(storage_options or {})
         self.batch_size, self.cache = batch_size, cache  # 3: candidate, serving, anchor
         self.tokenizer = build_tokenizer(model_cfg)
-        self.models = Models(model_cfg, self.tokenizer)  # the base, read once; LoRA checkpoints share its tensors
+        if device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"  # the actor reserved a GPU it cannot see: score on the CPU rather than fail every judgement
+        self.models = Models(model_cfg, self.tokenizer, device)  # the base, read once; LoRA checkpoints share its tensors
         self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._scores: dict[str, OrderedDict[bytes, tuple[float, int]]] = {}  # per kept model: sequence -> (loss sum, tokens)
         self._generated: dict[str, dict[bytes, list[int]]] = {}  # per kept model: prompt -> greedy tokens
