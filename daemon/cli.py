@@ -69,6 +69,10 @@ def cmd_status(args) -> int:
         if status.get("watch"):
             w = status["watch"]
             print(f"  watching version {w.get('version')} after its swap (rolls back to {w.get('previous')} on a regression)")
+        branch = (status.get("branch") or {}).get("running")
+        if branch:
+            print(f"  anneal branch from step {branch['from_step']} ({branch['anneal_steps']} steps): running {branch.get('running_s')} s"
+                  f"{', waiting for the judge' if branch.get('waiting_for_judge') else ''}")
         drift = status.get("drift") or {}
         if drift.get("psi") is not None:
             print(f"  drift: PSI {drift['psi']:.3f}, JS {drift['js']:.3f} bits{' (drifting)' if drift.get('data_drift') else ''}")
