@@ -60,6 +60,11 @@ def cmd_status(args) -> int:
         from everlearn.daemon.progress import status_line
 
         print(status_line(status))
+        if status.get("learner"):
+            lr = status["learner"]
+            lora = f", LoRA r={lr['lora_r']}" if lr.get("lora_r") else ""
+            print(f"  learner: {lr['model']} ({lr.get('model_type')}), {lr['trainable']:,} of {lr['parameters']:,} parameters trained{lora}, "
+                  f"{lr['device']} {lr['precision']}, {lr['workers']} worker(s)")
         for key in ("documents", "held_out", "dead_lettered", "tokens_trained", "pending_tokens", "last_checkpoint", "serving_url"):
             print(f"  {key}: {status.get(key)}")
         if status.get("last_gate"):

@@ -77,6 +77,7 @@ def compose_status(d) -> dict[str, Any]:
     return {
         "state": d.state,
         "step": d.step,
+        "learner": d.train.info,
         "tokens_per_s": round(d.rate.value, 1),
         "loss": last.loss if last else None,
         "lr": last.lr if last else None,

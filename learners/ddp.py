@@ -104,7 +104,7 @@ __all__ = ["LearnerGroup", "combine", "weights_digest"]
 WAIT_S = 2.0  # longest a driver or worker waits in one mailbox call before it checks on the run
 RPC_GRACE_S = 60.0  # a mailbox call that has not answered WAIT_S + this later: the mailbox is gone
 STOP = "stop"
-_COMMANDS = {"train_step", "save", "load", "evaluate", "finite", "ping", "digest"}
+_COMMANDS = {"train_step", "save", "load", "evaluate", "finite", "ping", "digest", "describe"}
 
 
 # -- the mailbox (an actor of its own) ------------------------------------------------------
@@ -490,6 +490,9 @@ class LearnerGroup:
 
     def ping(self) -> int:
         return self._run({0: ("ping", ())}, collective=False)[0]
+
+    def describe(self) -> dict[str, Any]:
+        return self._run({0: ("describe", ())}, collective=False)[0]
 
     def digests(self) -> list[str]:
         """sha256 of each rank's weights (all equal while the ranks are in step)."""

@@ -258,3 +258,11 @@ class Learner:
 
     def ping(self) -> int:
         return self.step
+
+    def describe(self) -> dict[str, Any]:
+        """What trains: the model, its size, LoRA, device and precision (shown in /status)."""
+        return {"model": self.model_cfg.name_or_path or "built Llama (model config)",
+                "model_type": getattr(self.model.config, "model_type", None),
+                "parameters": sum(p.numel() for p in self.model.parameters()), "trainable": sum(p.numel() for p in self.params),
+                "lora_r": self.model_cfg.lora.r, "device": str(self.device), "precision": "bf16" if self.bf16 else "fp32",
+                "compile": self.train_cfg.compile, "grad_accum_steps": self.train_cfg.grad_accum_steps, "workers": self.world_size}

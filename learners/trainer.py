@@ -54,6 +54,7 @@ class TrainStage:
         self.step = 0
         self.nonfinite_in_row = 0
         self.last: StepStats | None = None
+        self.info: dict[str, Any] | None = None  # the learner's describe(), once it has loaded
 
     # -- the actor -----------------------------------------------------------
     def start(self) -> None:
@@ -81,6 +82,7 @@ class TrainStage:
             self.learner = None
 
     def restart(self) -> None:
+        self.info = None
         self.stop()
         self.start()
 
@@ -174,6 +176,8 @@ class TrainStage:
     def save(self, step: int) -> dict[str, FileEntry]:
         """Write this stage's files into the checkpoint for ``step``; returns their digests."""
         files = self._call("save", step)
+        if self.info is None:
+            self.info = self._call("describe")
         state = self.state_dict()
         for name, data in to_files("buffer", state["buffer"], self.buffer_cfg.shard_mb << 20).items():
             files[name] = self.store.put(step, name, data)
@@ -187,4 +191,6 @@ class TrainStage:
         meta = json.loads(self.store.read(ref, TRAIN_STATE)) if TRAIN_STATE in manifest else {"replay": (legacy or {}).get("replay", {})}
         buffer = from_files("buffer", lambda name: self.store.read(ref, name))
         self.load_state_dict({"buffer": buffer, "replay": meta["replay"], "step": step})
+        if self.info is None:
+            self.info = self._call("describe")
         return step

@@ -50,6 +50,11 @@ def test_a_model_directory_trains_promotes_and_serves(tmp_path, port_factory, fa
             return (first, short) if first["version"] == short["version"] == last["version"] else None
 
         served, short = wait_for(consistent, 60, "a /score answer and /version that agree", daemon)
+        learner = get_json(f"http://127.0.0.1:{metrics_port}/status")["learner"]
+        assert learner["model"] == str(model_dir) and learner["model_type"] == family and learner["lora_r"] == lora
+        assert (learner["trainable"] < learner["parameters"] / 5) if lora else (learner["trainable"] == learner["parameters"])
+        cli = subprocess.run([*EVERLEARN, "status", "-c", str(config)], capture_output=True, text=True, timeout=60)
+        assert f"learner: {model_dir} ({family})" in cli.stdout, cli.stdout + cli.stderr
         assert daemon.terminate() == 0, daemon.tail()
     finally:
         daemon.kill()

@@ -117,6 +117,7 @@ def test_train_stage_trains_quarantines_non_finite_steps_restores_and_fails_when
         ref1 = store.commit(1, stage.save(1))
         saved = buffer_digest(stage.buffer)
         assert {"model.safetensors", "optimizer.pt", "learner.json", "train.json"} <= set(store.manifest(ref1)["files"])
+        assert stage.info["trainable"] == stage.info["parameters"] > 0 and stage.info["workers"] == 1 and stage.info["lora_r"] is None
 
         assert stage.n_fresh() == BATCH - 1  # 25 % replay of 4: one row
         s2 = stage.train(stream.windows(stage.n_fresh()))
