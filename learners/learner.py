@@ -188,7 +188,7 @@ class Learner:
         n_tokens = predicted_tokens(lengths)
         denom = max(total_tokens if total_tokens is not None else n_tokens, 1) / self.world_size  # DDP averages over workers
         parts = [p for p in np.array_split(np.arange(len(tokens)), min(self.train_cfg.grad_accum_steps, max(len(tokens), 1))) if len(p)]
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, rows in enumerate(parts):
             sync = i == len(parts) - 1 or not hasattr(self.net, "no_sync")  # DDP: all-reduce once, after the last micro-batch
             with contextlib.nullcontext() if sync else self.net.no_sync():
@@ -196,8 +196,8 @@ class Learner:
                 if i == 0 and failpoints.hit("learner.loss") == "nan":  # tests: a batch whose loss is NaN
                     loss = loss * float("nan")
                 (loss / denom).backward()  # always backward: data-parallel workers must all reach the all-reduce
-            loss_sum += float(loss.detach())
-        loss_value = loss_sum / max(n_tokens, 1)
+            loss_sum += loss.detach()
+        loss_value = float(loss_sum) / max(n_tokens, 1)  # one device sync per step, not per micro-batch
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.train_cfg.grad_clip))
         if not math.isfinite(loss_value):
             return self._skip(f"non-finite loss {loss_value}", loss_value, float("nan"), lr, n_tokens, t0)
