@@ -33,21 +33,33 @@ def test_reservoir_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys)
 @pytest.mark.integration  # starts a local Ray and the real daemon (tiny model, a few dozen steps)
 @pytest.mark.timeout(240)
 def test_daemon_throughput_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
-    load("daemon_throughput").main(["--quick", "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    work = tmp_path / "work"
+    load("daemon_throughput").main(["--quick", "--out", str(tmp_path), "--work-dir", str(work)])
     res = json.loads((tmp_path / "daemon_throughput.json").read_text())
     variants = ["bare", "bare_learner", "daemon", "daemon_no_gates", "daemon_no_gates_no_ckpt"]
-    assert list(res["runs"]) == variants
-    for v in variants:
+    lora = [v + "_lora" for v in variants]
+    assert list(res["runs"]) == variants + lora
+    for v in variants + lora:
         assert len(res["runs"][v]) == 1 and res["runs"][v][0]["tokens_per_s"] > 0
         assert res["summary"][v]["tokens_per_s_median"] > 0 and res["summary"][v]["ratio_to_bare"] > 0
-    for v in variants[2:]:  # the window's tokens are the ones the run's own registry counted
+    for v in variants[2:] + lora[2:]:  # the window's tokens are the ones the run's own registry counted
         run = res["runs"][v][0]
         assert run["tokens_registry_check"] and run["steps"] == res["setup"]["measure"]
         assert run["registry"]["train_step_seconds_sum"] > 0 and "train_wait_seconds" in run["registry"]
-    assert res["runs"]["daemon"][0]["registry"]["judge_seconds_count"] >= 1  # gates ran in the window
+    for v in ("daemon", "daemon_lora"):
+        assert res["runs"][v][0]["registry"]["judge_seconds_count"] >= 1  # gates ran in the window
     assert res["runs"]["daemon_no_gates_no_ckpt"][0]["registry"]["checkpoints"] == 0
+    # LoRA rows are against the bare LoRA loop; the LoRA daemons wrote adapters, the others full weights
+    assert all(res["summary"][v]["reference"] == "bare_lora" for v in lora) and res["summary"]["bare_lora"]["ratio_to_bare"] == 1
+    assert 0 < res["setup"]["lora"]["trainable_parameters"] < res["setup"]["parameters"] and res["setup"]["lora"]["r"] == 8
+    assert res["summary"]["lora_over_full_bare"] > 0
+    for v in variants[2:] + lora[2:]:
+        (run_dir,) = work.glob(f"run-*-{v}")
+        files = {f.name for f in (run_dir / "checkpoints").glob("step-*/*.safetensors")}
+        assert ("adapter.safetensors" in files) == v.endswith("_lora") and ("model.safetensors" in files) != v.endswith("_lora")
     md = (tmp_path / "daemon_throughput.md").read_text()
     assert res["command"] in md and "| `daemon_no_gates` |" in md and "ratio to bare" in md
+    assert "| `daemon_no_gates_lora` |" in md and "ratio to `bare_lora`" in md
     assert (tmp_path / "daemon_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plot written" in capsys.readouterr().out
 
@@ -93,3 +105,75 @@ def test_gate_quality_bench_quick_run_writes_tables_json_and_plot(tmp_path, caps
     md = (tmp_path / "gate_quality.md").read_text()
     assert res["command"] in md and "| poison: ROT13 manual pages |" in md
     assert (tmp_path / "gate_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.unit
+def test_branch_cost_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    res = load("branch_cost").main(["--quick", "--out", str(tmp_path)])
+    assert {r["anneal_steps"] for r in res["runs"]} == {2, 4} and res["setting"]["judgements"] >= 1
+    for r in res["runs"]:  # the losses are measured: finite, and the trunk's later loss is another model's
+        assert all(0 < r[k] < 10 for k in ("trunk", "branch", "trunk_later")) and r["trunk_later"] != r["trunk"]
+    md = (tmp_path / "branch_cost.md").read_text()
+    assert res["command"] in md and "| 4 | 4 |" in md
+    assert (tmp_path / "branch_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.unit
+def test_swap_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    res = load("swap").main(["--quick", "--out", str(tmp_path)])
+    (tiny,) = res["models"].values()
+    for kind in ("full", "lora"):
+        load_ = tiny["load"][kind]
+        assert load_["n"] == 3 and load_["median"] > 0 and load_["p90"] >= load_["median"] and load_["first_s"] > 0
+        swaps = tiny["replica"][kind]["swap_s"]
+        assert swaps["n"] == 2 and swaps["median"] > 0
+    # the adapter checkpoint is the small one, and a loaded LoRA version shares every base tensor
+    assert tiny["bytes"]["lora"]["model_files"] < tiny["bytes"]["full"]["model_files"] / 10
+    assert set(tiny["bytes"]["lora"]["files"]) == {"adapter.safetensors", "base.json"} and set(tiny["bytes"]["full"]["files"]) == {"model.safetensors"}
+    assert tiny["load"]["lora"]["own_bytes"] < tiny["load"]["full"]["own_bytes"] / 10
+    assert [s["kind"] for s in tiny["replica"]["swaps"]] == ["lora", "full", "lora", "full"]
+    assert tiny["base"]["build_s"] > 0 and len(tiny["base"]["sha256"]) == 64
+    md = (tmp_path / "swap.md").read_text()
+    assert res["command"] in md and "`Models.load` median / p90" in md and "| tiny: 2 x 64, 0.1M | LoRA" in md
+    assert (tmp_path / "swap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_gpu_bench_peak_flops_table_names_the_cards():
+    peak = load("gpu").peak_tflops
+    assert peak("NVIDIA H200") == 989 and peak("NVIDIA H100 80GB HBM3") == 989 and peak("NVIDIA H100 PCIe") == 756
+    assert peak("NVIDIA A100-SXM4-80GB") == 312 and peak("NVIDIA L4") == 121 and peak("NVIDIA L40S") == 362
+    assert peak("Tesla T4") is None and peak("CPU (no CUDA)") is None
+
+
+@pytest.mark.unit
+def test_gpu_bench_without_cuda_runs_only_quick_and_never_into_docs(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine would run the real benchmark")
+    gpu = load("gpu")
+    with pytest.raises(SystemExit):
+        gpu.main(["--out", str(tmp_path)])  # the full run needs a GPU
+    with pytest.raises(SystemExit):
+        gpu.main(["--quick", "--out", str(gpu.DOCS_BENCH)])  # CPU smoke numbers are not the GPU benchmark's
+    assert not (tmp_path / "gpu.json").exists()
+
+
+@pytest.mark.integration  # starts a local Ray for the learner actor
+@pytest.mark.timeout(240)
+def test_gpu_bench_quick_run_writes_tables_json_and_plot(tmp_path, capsys):
+    res = load("gpu").main(["--quick", "--out", str(tmp_path)])
+    p = res["parity"]
+    assert p["runs"]["cpu fp32"]["max_rel_diff"] == 0 and len(p["runs"][p["bf16_run"]]["losses"]) == p["steps"] == 5
+    assert p["within_tolerance"] and p["tolerance_rel"] == 0.01
+    s = res["mfu"]["summary"]
+    assert list(s) == ["bare", "learner", "learner_actor"]
+    assert all(s[v]["tokens_per_s_median"] > 0 and s[v]["tflops"] > 0 for v in s)
+    if res["device"] == "cpu":
+        assert res["peak_tflops"] is None and all(s[v]["mfu"] is None for v in s)
+    md = (tmp_path / "gpu.md").read_text()
+    assert res["command"] in md and "| `learner_actor` |" in md and "max relative difference" in md
+    assert (tmp_path / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plot written" in capsys.readouterr().out
