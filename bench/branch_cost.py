@@ -77,6 +77,8 @@ def one_seed(seed: int, args, stream: np.ndarray, held: np.ndarray) -> list[dict
     train = TrainConfig(seq_len=SEQ, batch_size=BATCH, torch_threads=args.threads, eval_batch_size=32, seed=seed)
     base = dict(peak_lr=3e-3, constant_lr=1e-3, min_lr=1e-4, warmup_steps=10, cooldown_steps=40)
     rows = stream[np.random.default_rng(seed).permutation(len(stream))]
+    if len(rows) < (args.steps + max(args.anneal) + 1) * BATCH:
+        raise SystemExit(f"{len(rows)} windows of text are too few for {args.steps + max(args.anneal)} steps; raise --bytes-per-domain")
     url = f"memory://branch-cost-{uuid4().hex}"
     learner = Learner(model, train, ScheduleConfig(**base, anneal_steps=max(args.anneal)), url)
     buffer = UniformReservoir(1024, SEQ, seed=seed)
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--every", type=int, default=50, help="trunk steps between judgements (gate.every_steps)")
     p.add_argument("--anneal", type=int, nargs="+", default=[10, 25, 50], help="anneal lengths to compare (schedule.anneal_steps)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--bytes-per-domain", type=int, default=260_000, help="text per domain (the trunk never trains a window twice)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, two short anneals, little text")
     p.add_argument("--out", type=Path, default=None, help="write branch_cost.md/.json/.png here (e.g. docs/bench)")
     args = p.parse_args(argv)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     tok = build_tokenizer(ModelConfig())
-    per_domain = 60_000 if args.quick else 260_000
+    per_domain = 60_000 if args.quick else args.bytes_per_domain
     domains = [demo.take(demo.man_pages(), per_domain), demo.take(demo.python_sources(), per_domain)]
     stream = np.concatenate([windows(d[:-12], tok) for d in domains])
     held = np.concatenate([windows(d[-12:], tok) for d in domains])
