@@ -28,7 +28,7 @@ def test_a_model_directory_trains_promotes_and_serves(tmp_path, port_factory, fa
                          schedule={"warmup_steps": 5, "cooldown_steps": 10, "peak_lr": 1e-2 if lora else 3e-3,
                                    "constant_lr": 5e-3 if lora else 1e-3, "min_lr": 1e-4})
     base = f"http://127.0.0.1:{serve_port}"
-    docs = demo.take(demo.python_sources(), 150_000)
+    docs = demo.take(demo.python_sources(), 80_000)
     probe = "".join(text for _, text in demo.take(demo.python_sources(), 3000, skip_bytes=400_000))
     with open(tmp_path / "stream" / "00-python.jsonl", "w") as f:
         for doc_id, text in docs:
