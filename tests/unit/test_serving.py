@@ -161,6 +161,46 @@ def test_a_lora_replica_holds_the_base_once_and_swaps_only_adapters(tmp_path, re
     assert r.call("GET", "/version")[1]["manifest_sha256"] == ref8.manifest_sha256
 
 
+@pytest.mark.parametrize(("family", "lora"), [("gpt2", None), ("llama", 4), ("qwen2", None)])
+def test_each_model_family_is_judged_and_served(tmp_path, replicas, family, lora):
+    """A save_pretrained directory of each family, trained a few steps: the evaluator judges it against its
+    step 0 with every gate measured, and a replica serves it with the directory's own tokenizer."""
+    from everlearn.deploy import Evidence, GateConfig
+    from everlearn.deploy.evaluator import Evaluator
+    from tests.hf_models import save_tiny
+
+    seq = 32
+    mcfg = ModelConfig(name_or_path=str(save_tiny(family, tmp_path / family, width=32, layers=1, context=64)), lora={"r": lora})
+    url = str(tmp_path / "ckpt")
+    learner = Learner(mcfg, TrainConfig(seq_len=seq, batch_size=8, torch_threads=1),
+                      ScheduleConfig(warmup_steps=1, cooldown_steps=1, peak_lr=1e-2, constant_lr=1e-2, min_lr=1e-3), url)
+    store = CheckpointStore(url)
+    ref0 = store.commit(0, learner.save(0))
+    text = "def load(path):\n    with open(path) as f:\n        return json.load(f)\n" * 40
+    ids = learner.tokenizer.encode(text)
+    rows = ids[: (len(ids) // seq) * seq].reshape(-1, seq)
+    for _ in range(10):
+        learner.train_step(rows[:8])
+    ref1 = store.commit(10, learner.save(10))
+
+    fresh, old = rows[8:16], rows[:8]
+    evidence = Evidence(fresh, np.full(len(fresh), seq), old, np.full(len(old), seq), fresh_documents=np.arange(len(fresh)) // 2,
+                        old_documents=np.arange(len(old)) // 2, old_domains=("code",) * len(old),
+                        probe_tokens=rows[:4], probe_lengths=np.full(4, seq))
+    result = Evaluator(mcfg).judge(GateConfig(min_fresh_documents=4, min_fresh_tokens=100), ref1, ref0, evidence)
+    assert {g["name"] for g in result.metrics["gates"]} >= {"sanity", "improvement", "forgetting", "behaviour", "generation"}
+    assert result.metrics["improvement"]["lower"] > 0, result.reason  # it learned this text
+
+    r = replicas({"version": 1, **ref1.to_dict()}, model=mcfg.model_dump())
+    code, scored = r.call("POST", "/score", {"text": text[:300]})
+    n = len(learner.tokenizer.encode(text[:300]))  # the family's own tokenizer: BPE gives fewer ids than bytes
+    assert code == 200 and scored["version"] == 1 and n - (n // 64 + 1) <= scored["tokens"] < n  # one unpredicted token per context
+    code, generated = r.call("POST", "/generate", {"prompt": "def load(", "max_new_tokens": 8})
+    assert code == 200 and isinstance(generated["text"], str)
+    code, completion = r.call("POST", "/v1/completions", {"model": APP, "prompt": "def ", "max_tokens": 4})
+    assert code == 200 and completion["choices"][0]["text"] is not None
+
+
 def test_a_damaged_checkpoint_is_refused_reported_and_serving_keeps_its_version(trained, tmp_path, replicas):
     store, ref0, ref5, _ = trained
     r = replicas({"version": 0, **ref0.to_dict()})
