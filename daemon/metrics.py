@@ -114,3 +114,5 @@ class Metrics:
                                       buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.served_version = Gauge(f"{PREFIX}_served_version", "Version the serving deployment holds.", registry=r)
         self.served_step = Gauge(f"{PREFIX}_served_step", "Training step of the served version.", registry=r)
+        self.served_promoted = Gauge(f"{PREFIX}_served_promoted_timestamp_seconds", "Unix time the served version was promoted (version 0: when the run started).", registry=r)
+        self.gate_rejections_in_a_row = Gauge(f"{PREFIX}_gate_consecutive_rejections", "Candidates refused by the gates since the last one that passed.", registry=r)

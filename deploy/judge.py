@@ -80,6 +80,7 @@ class JudgeStage:
         self.evaluator = None
         self._pending: tuple[Judgement, Any, float] | None = None
         self.last: dict[str, Any] | None = None
+        self.rejected_in_a_row = 0  # candidates refused since the last that passed (an alert's input)
         self.anchor: dict[str, Any] | None = None  # the served record forgetting is also bounded against
         self.promotions_since_anchor = 0
 
@@ -190,14 +191,20 @@ class JudgeStage:
         if j.verdict in ("rejected", "skipped") and failed is not None:
             self.metrics.gate_failures.labels(failed).inc()
         self.last = {"verdict": j.verdict, "step": j.step, "reason": j.result.reason}
+        if j.verdict in ("rejected", "promoted"):  # skipped / failed judgements say nothing about the candidates
+            self.rejected_in_a_row = self.rejected_in_a_row + 1 if j.verdict == "rejected" else 0
+            self.metrics.gate_rejections_in_a_row.set(self.rejected_in_a_row)
         return j
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last, "anchor": self.anchor, "promotions_since_anchor": self.promotions_since_anchor}
+        return {"last": self.last, "anchor": self.anchor, "promotions_since_anchor": self.promotions_since_anchor,
+                "rejected_in_a_row": self.rejected_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the last verdict and the anchor (state from before anchors has none: the next judgement sets one)."""
         self.last = state.get("last")
         self.anchor = state.get("anchor")
         self.promotions_since_anchor = int(state.get("promotions_since_anchor", 0))
+        self.rejected_in_a_row = int(state.get("rejected_in_a_row", 0))
+        self.metrics.gate_rejections_in_a_row.set(self.rejected_in_a_row)
         self._pending = None

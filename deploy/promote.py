@@ -211,6 +211,7 @@ class PromoteStage:
     def publish(self) -> None:
         self.metrics.served_version.set(self.served["version"])
         self.metrics.served_step.set(self.served["step"])
+        self.metrics.served_promoted.set(self.served.get("promoted_unix") or 0)
 
     def promote(self, j: Judgement, record: dict[str, Any]) -> dict[str, Any]:
         """Make ``j.candidate`` the served version (the order in the module docstring); returns the audit record."""

@@ -308,6 +308,7 @@ def test_promotion_and_rollback_work_on_a_checkpoint_in_the_branches_store(tmp_p
 
     record = promote.promote(Judgement(S, cand, dict(promote.served), "promoted", GateResult(True, "ok")), {"verdict": "promoted"})
     assert record["promoted_version"] == 1 and promote.served["uri"] == cand.uri
+    assert metrics.registry.get_sample_value("everlearn_served_promoted_timestamp_seconds") == promote.served["promoted_unix"] > 0
     assert json.loads(store.read_root(SERVED))["uri"] == cand.uri
     again = PromoteStage(store, MODEL, ServeConfig(enabled=False), AuditLog(tmp_path / "audit.jsonl"), metrics, events.event)
     assert again.open() and again.served["uri"] == cand.uri  # verified in its own store: no fall-back at a restart

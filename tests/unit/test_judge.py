@@ -101,3 +101,22 @@ def test_the_gauges_follow_a_verdicts_metrics():
     assert value(metrics, "everlearn_gate_forgetting_upper_bound", reference="serving") == 0.01
     assert value(metrics, "everlearn_gate_forgetting_upper_bound", reference="anchor") is None
     assert value(metrics, "everlearn_gate_kl") == 0.2
+
+
+def test_refusals_in_a_row_count_until_a_candidate_passes_and_survive_a_restart():
+    from everlearn.deploy.gates import GateResult
+    from everlearn.deploy.judge import Judgement
+
+    judge, metrics, _ = stage()
+
+    def verdict(v: str) -> None:
+        judge._done(Judgement(10, CheckpointRef.from_dict(served(0, 10)), served(0, 0), v, GateResult(v == "promoted", v)))
+
+    for v in ("rejected", "rejected", "skipped", "failed", "rejected"):
+        verdict(v)
+    assert value(metrics, "everlearn_gate_consecutive_rejections") == 3  # skipped / failed neither count nor reset
+    back, back_metrics, _ = stage()
+    back.load_state_dict(json.loads(json.dumps(judge.state_dict())))
+    assert back.rejected_in_a_row == 3 and value(back_metrics, "everlearn_gate_consecutive_rejections") == 3
+    verdict("promoted")
+    assert value(metrics, "everlearn_gate_consecutive_rejections") == 0
