@@ -122,7 +122,7 @@ class BranchStage:
     def _launch(self, resumed: bool) -> None:
         if self.actor is None:
             c = self.cfg
-            actor = ray.remote(BranchJob).options(num_cpus=0, num_gpus=c.train.num_gpus, max_restarts=0)
+            actor = ray.remote(BranchJob).options(num_cpus=0, num_gpus=c.train.num_gpus, resources=c.train.resources, max_restarts=0)
             self.actor = actor.remote(c.model, c.train, c.schedule, self.d.store.url, self.branches.url, c.checkpoint.storage_options,
                                       c.checkpoint.io_timeout_s)
         p = self.pending

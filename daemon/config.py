@@ -37,6 +37,7 @@ class RayConfig(_Section):
     """Where the Ray actors run."""
 
     address: str | None = Field(None, description="Ray cluster address (e.g. `ray://head:10001` or `auto`). Empty: start a local Ray in this process.")
+    connect_timeout_s: float = Field(300.0, gt=0, description="With an address: how long to wait for the cluster to come up before giving up (a pod may start before its Ray head).")  # a head pod pulling a large image takes minutes
     num_cpus: int = Field(2, ge=1, description="CPUs a local Ray may use.")  # this machine's 2 cores
     object_store_memory_mb: int = Field(512, ge=78, description="Object store of a local Ray, MiB.")  # batches are KiB; 512 MiB leaves the 24 GiB for models
     include_dashboard: bool = Field(False, description="Start Ray's dashboard with a local Ray (+~250 MiB).")

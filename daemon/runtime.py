@@ -23,19 +23,20 @@ import ray
 
 from everlearn.daemon import reaper
 from everlearn.daemon.config import Config
+from everlearn.errors import ConfigError, EverlearnError
 
 _reaper = None  # the reaper of this process's local Ray; lives as long as the process
 
 HARD_EXIT_MARGIN_S = 15.0  # after the grace period: time to shut Ray and serving down
 
 
-def start_ray(cfg: Config) -> bool:
+def start_ray(cfg: Config, event: Callable[..., None] | None = None, stop: threading.Event | None = None) -> bool:
     """Start (or join) Ray; True when this process started it and owns it."""
     if ray.is_initialized():
         return False
     rc = cfg.ray
     if rc.address:
-        ray.init(address=rc.address, log_to_driver=False)
+        join_ray(rc.address, rc.connect_timeout_s, event or (lambda *a, **k: None), stop or threading.Event())
         return False
     global _reaper
     _reaper = _reaper or reaper.start()
@@ -44,6 +45,32 @@ def start_ray(cfg: Config) -> bool:
              include_dashboard=rc.include_dashboard, log_to_driver=False, configure_logging=False)
     reaper.watch(_reaper, reaper.children(os.getpid()) - before - {_reaper.pid})  # the processes Ray started
     return True
+
+
+def join_ray(address: str, timeout_s: float, event: Callable[..., None], stop: threading.Event) -> None:
+    """Join the cluster at ``address``, waiting up to ``timeout_s`` for it to come up.
+
+    In a pod beside the Ray head (the Helm chart), the daemon can start before the
+    head has: ``auto`` then finds no cluster yet, and the daemon waits instead of
+    crash-looping. A stop signal ends the wait.
+    """
+    t0, pause = time.monotonic(), 1.0
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionError as e:
+            waited = time.monotonic() - t0
+            if stop.is_set():
+                raise EverlearnError(f"stopped while waiting for the Ray cluster at ray.address={address!r}") from None
+            if waited + pause > timeout_s:
+                raise ConfigError(f"cannot join the Ray cluster at ray.address={address!r} after {waited:.0f} s: {e} "
+                                  "Is its head running, and is this the right address? (`auto` needs this host's Ray session "
+                                  "directory: in the Helm chart the daemon shares /tmp with the Ray head; ray.connect_timeout_s "
+                                  "sets how long to wait)") from None
+            event("waiting_for_ray", address=address, waited_s=round(waited, 1), error=str(e)[:200])
+            stop.wait(pause)
+            pause = min(pause * 2, 10.0)
 
 
 def stop_ray() -> None:

@@ -99,8 +99,8 @@ class Daemon:
         self.lease.acquire()
         try:
             seed_if_empty(self.cfg.source.url, self.cfg.demo, self.progress.event)
-            self._ray_owned = start_ray(self.cfg)
             StopSignals(self.stop_event, self.cfg.supervision.stop_grace_s, self.progress.event).install()
+            self._ray_owned = start_ray(self.cfg, self.progress.event, self.stop_event)
             self._open()
             self._loop(max_steps)
             self._stop()

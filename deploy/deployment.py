@@ -39,7 +39,7 @@ class Server:
         host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
         self.url = f"http://{host}:{serve_cfg.port}{'' if serve_cfg.route_prefix == '/' else serve_cfg.route_prefix}"
         self.deployment_options = {"name": DEPLOYMENT_NAME, "num_replicas": serve_cfg.num_replicas, "max_ongoing_requests": serve_cfg.max_ongoing_requests,
-                                   "ray_actor_options": {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus}}
+                                   "ray_actor_options": {"num_cpus": serve_cfg.num_cpus, "num_gpus": serve_cfg.num_gpus, "resources": serve_cfg.resources}}
         settings = ReplicaSettings(model=model_cfg.model_dump(), storage_options=self.storage_options, torch_threads=serve_cfg.torch_threads,
                                    num_gpus=serve_cfg.num_gpus, app_name=self.app_name, registry_name=registry_name(self.app_name), registry_namespace=NAMESPACE,
                                    max_batch_size=serve_cfg.max_batch_size, batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s,

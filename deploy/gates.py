@@ -36,6 +36,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from everlearn.learners.config import CustomResources
+
 
 class GateConfig(BaseModel):
     """When candidates are judged and what they must show to be promoted."""
@@ -62,6 +64,7 @@ class GateConfig(BaseModel):
     evaluator_threads: int = Field(1, ge=1, description="Torch threads of the evaluator actor that judges candidates beside the learner.")  # leaves the learner its cores
     evaluator_num_cpus: float = Field(0.0, ge=0, description="CPUs the evaluator actor reserves in Ray.")  # 0: it shares the local cores, judging is brief
     evaluator_num_gpus: float = Field(0.0, ge=0, description="GPUs the evaluator actor reserves in Ray; > 0 scores the candidate, serving and anchor models on CUDA (a fraction shares a GPU).")
+    evaluator_resources: CustomResources = Field(default_factory=dict, description="Custom Ray resources the evaluator actor reserves, e.g. {everlearn_cpu: 1} to keep it on the node group started with that resource.")
     idle_judge_s: float = Field(30.0, gt=0, description="When the stream goes quiet, judge the steps trained since the last judgement after this long (the last partial interval is not left unjudged).")  # a pause between uploads is shorter; a stream that stopped gets its last candidate judged within half a minute
     timeout_s: float = Field(600.0, gt=0, description="A judgement that takes longer fails (the evaluator is restarted); the next interval tries again.")
     candidate: Literal["trunk", "anneal_branch"] = Field("trunk", description="What a judgement judges. trunk: the run's checkpoint at that step. anneal_branch: a copy of it annealed for schedule.anneal_steps steps (phase 4 of the infinite schedule, constant_lr to min_lr) on the newest fresh windows and replay, in an actor of its own beside the trunk, which keeps training at the constant rate; the branches are kept under <checkpoint url>/branches. In warmup/cooldown the trunk is judged; a branch that fails or takes longer than gate.timeout_s is a failed verdict.")  # trunk: a branch costs a second learner's anneal_steps steps, CPU and memory per judgement; it buys ~2 % lower held-out loss than the trunk it came from (tiny model, tests/unit/test_branch.py): opt in where that pays

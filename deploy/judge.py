@@ -92,7 +92,8 @@ class JudgeStage:
         return self.evaluator
 
     def _spawn(self) -> None:
-        actor = ray.remote(Evaluator).options(num_cpus=self.cfg.evaluator_num_cpus, num_gpus=self.cfg.evaluator_num_gpus, max_restarts=0)
+        actor = ray.remote(Evaluator).options(num_cpus=self.cfg.evaluator_num_cpus, num_gpus=self.cfg.evaluator_num_gpus,
+                                              resources=self.cfg.evaluator_resources, max_restarts=0)
         self.evaluator = actor.remote(self.model_cfg, self.storage_options, self.cfg.evaluator_threads, self.eval_batch_size,
                                       device="cuda" if self.cfg.evaluator_num_gpus > 0 else "cpu")
 

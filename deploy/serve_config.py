@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from everlearn.learners.config import CustomResources
+
 APP_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # also names the registry actor: keep it a plain token
 
 
@@ -22,6 +24,7 @@ class ServeConfig(BaseModel):
     num_replicas: int = Field(1, ge=1, description="Serving replicas; each holds one copy of the model.")
     num_cpus: float = Field(0.0, ge=0, description="CPUs each replica reserves in Ray.")  # 0: share the 2 local cores with the learner
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves in Ray; > 0 serves on CUDA (fractions share one GPU between replicas).")
+    resources: CustomResources = Field(default_factory=dict, description="Custom Ray resources each replica reserves, e.g. {everlearn_cpu: 1} to keep replicas on the node group started with that resource.")
     torch_threads: int = Field(1, ge=1, description="Intra-op torch threads per replica.")  # leave cores for the learner
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica holds at once; more wait in Serve's queue.")  # >= 2 x max_batch_size: a full batch gathers while one computes (Serve's default of 5 caps a batch at 5)
     max_batch_size: int = Field(16, ge=1, description="Most /score requests scored in one batch (their texts' chunks are padded to the batch's longest chunk).")  # past ~16 texts of 1-2 kB a CPU forward gains nothing and a batch only waits longer

@@ -1,8 +1,24 @@
 """Configuration of the model and the training loop (pydantic only: the CLI reads it without loading torch)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if name in BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ValueError(f"{name!r} is not a custom resource: CPUs and GPUs have their own num_cpus / num_gpus fields")
+        if not name or amount < 0:
+            raise ValueError(f"custom resource {name!r}: {amount} must be a non-empty name with an amount >= 0")
+    return value
+
+
+# Custom Ray resources an actor reserves, e.g. {everlearn_gpu: 1}: a node group started with that
+# resource (`ray start --resources`, the Helm chart's worker groups) is the only place it can run.
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 class TrainConfig(BaseModel):
@@ -19,6 +35,7 @@ class TrainConfig(BaseModel):
     torch_threads: int = Field(2, ge=1, description="Intra-op threads of the learner's torch.")  # = cores of this 2-core machine
     num_cpus: float = Field(1.0, ge=0, description="CPUs the learner actor reserves in Ray.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs the learner actor reserves in Ray; > 0 trains on CUDA.")
+    resources: CustomResources = Field(default_factory=dict, description="Custom Ray resources the learner (each data-parallel worker, and an anneal branch) reserves, e.g. {everlearn_gpu: 1} to keep it on the node group started with that resource.")
     eval_batch_size: int = Field(16, ge=1, description="Sequences per forward pass when the gates evaluate losses.")
     queue_windows: int = Field(64, ge=1, description="Packed windows ingest may hold ready ahead of training (the bounded queue: backpressure on the source).")  # 8 batches of 8: the learner never waits while the stream has data
     seed: int = Field(0, description="Seed of torch in the learner (dropout, LoRA's initial adapters).")

@@ -146,7 +146,7 @@ class LearnerGroup:
         if train.num_cpus <= 0:
             raise ConfigError("train.num_workers > 1 needs train.num_cpus > 0: each worker reserves its CPUs in Ray Train's placement group")
         use_gpu = train.num_gpus > 0
-        resources = {"CPU": train.num_cpus} | ({"GPU": train.num_gpus} if use_gpu else {})
+        resources = {"CPU": train.num_cpus} | ({"GPU": train.num_gpus} if use_gpu else {}) | train.resources
         self._mailbox = ray.remote(_Mailbox).options(num_cpus=0, max_restarts=0).remote(self.world_size)
         self._storage = tempfile.mkdtemp(prefix="everlearn-ray-train-")
         cfg = {"model": self.model_cfg, "train": train, "schedule": self.schedule_cfg, "store_url": self.store_url,

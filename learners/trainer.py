@@ -65,7 +65,8 @@ class TrainStage:
             self.learner = LearnerGroup(self.model_cfg, self.train_cfg, self.schedule_cfg, self.store.url, self.store.storage_options,
                                         self.store.timeout_s, env_vars=env).start()
             return
-        options: dict[str, Any] = {"num_cpus": self.train_cfg.num_cpus, "num_gpus": self.train_cfg.num_gpus, "max_restarts": 0}
+        options: dict[str, Any] = {"num_cpus": self.train_cfg.num_cpus, "num_gpus": self.train_cfg.num_gpus, "resources": self.train_cfg.resources,
+                                   "max_restarts": 0}
         if os.environ.get(failpoints.ENV):  # tests: the learner's failpoints are the daemon's, on any cluster
             options["runtime_env"] = {"env_vars": {failpoints.ENV: os.environ[failpoints.ENV]}}
         actor = ray.remote(Learner).options(**options)

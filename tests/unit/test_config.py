@@ -425,3 +425,14 @@ def test_cli_validate_invalid_file(tmp_path, capsys, clean_env):
 def test_cli_validate_missing_file(tmp_path, capsys, clean_env):
     assert cli.main(["validate", "-c", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["train.resources", "gate.evaluator_resources", "serve.resources"])
+def test_custom_resources_are_checked(field):
+    cfg = load_config(env={}, overrides=[f"{field}={{everlearn_gpu: 1}}"])
+    section, name = field.split(".")
+    assert getattr(getattr(cfg, section), name) == {"everlearn_gpu": 1.0}
+    with pytest.raises(ConfigError, match=rf"{field}.*'GPU' is not a custom resource: CPUs and GPUs have their own num_cpus / num_gpus"):
+        load_config(env={}, overrides=[f"{field}={{GPU: 1}}"])
+    with pytest.raises(ConfigError, match=rf"{field}.*amount >= 0"):
+        load_config(env={}, overrides=[f"{field}={{x: -1}}"])
