@@ -106,6 +106,7 @@ class SupervisionConfig(_Section):
     restart_backoff_s: float = Field(2.0, gt=0, description="Pause before restarting a failed stage; doubles per restart in a row up to backoff_max_s (no restart storm).")
     nonfinite_rollback_after: int = Field(3, ge=1, description="Non-finite steps in a row after which the run rolls back to its newest verified checkpoint.")  # one bad batch is skipped; a streak means the weights went bad
     stop_grace_s: float = Field(60.0, gt=0, description="On SIGTERM/SIGINT, time allowed for the final checkpoint before the daemon exits.")  # inside Kubernetes' default 30 s + preStop headroom when raised
+    liveness_timeout_s: float = Field(600.0, gt=0, description="/livez fails when the supervisor loop has not turned for this long (a Kubernetes liveness probe then restarts the daemon).")  # a turn may hold a checkpoint's retries, a swap or a slow step: minutes, not ten
     lease_ttl_s: float = Field(30.0, ge=5, description="On object stores, how long the run's lease outlives a daemon that stopped renewing it (renewed every third of it).")
 
 

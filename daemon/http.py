@@ -5,8 +5,10 @@ there, carried out by the supervisor's loop.
 
 ``/healthz`` answers 200 while the daemon is healthy and 503 with the reasons
 while it is degraded (a component failing for longer than
-``supervision.degraded_after_s``): a liveness or readiness probe sees the
-outage, and the daemon keeps running through it.
+``supervision.degraded_after_s``): monitoring sees the outage, and the daemon
+keeps running through it. ``/livez`` answers 503 only when the supervisor's
+loop has stopped turning (``supervision.liveness_timeout_s``): the one state a
+restart cures, so it is what a Kubernetes liveness probe asks.
 """
 
 import json
@@ -23,6 +25,7 @@ from everlearn.daemon.admin import MAX_BODY
 class StatusServer:
     def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
                  health: Callable[[], list[str]] = list,
+                 live: Callable[[], list[str]] = list,
                  admin: Callable[[str, bytes, str | None], tuple[int, dict[str, Any]]] | None = None):
         outer = self
 
@@ -33,12 +36,12 @@ class StatusServer:
                     self._send(200, generate_latest(outer.registry), CONTENT_TYPE_LATEST)
                 elif path == "/status":
                     self._send(200, json.dumps(outer.status(), default=str).encode(), "application/json")
-                elif path == "/healthz":
-                    problems = outer.health()
+                elif path in ("/healthz", "/livez"):
+                    problems = outer.health() if path == "/healthz" else outer.live()
                     body = json.dumps({"ok": not problems, **({"degraded": problems} if problems else {})}).encode()
                     self._send(503 if problems else 200, body, "application/json")
                 else:
-                    self._send(404, b'{"error": "try /metrics, /status or /healthz"}', "application/json")
+                    self._send(404, b'{"error": "try /metrics, /status, /healthz or /livez"}', "application/json")
 
             def do_POST(self):  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0].rstrip("/")
@@ -67,7 +70,7 @@ class StatusServer:
 
         self.registry = registry
         self.status = status
-        self.health = health
+        self.health, self.live = health, live
         self.admin = admin
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True

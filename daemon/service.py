@@ -55,6 +55,7 @@ class Daemon:
 
     def __init__(self, cfg: Config, registry=None, out=None, clock=time.monotonic, stop: threading.Event | None = None):
         self.cfg, self.clock = cfg, clock
+        self._tick: float | None = None  # when the loop last turned (/livez)
         self.stop_event = stop or threading.Event()
         self.metrics = Metrics(registry)
         self.progress = Progress(out, interval_s=cfg.log.interval_s)
@@ -93,6 +94,12 @@ class Daemon:
     def health(self) -> list[str]:
         return [p for p in (self.ingest.degraded, self.checkpoint_failing, self.lease.lost) if p]
 
+    def liveness(self) -> list[str]:
+        """Empty while the loop turns (or has not started); a restart is the cure otherwise (``/livez``)."""
+        limit, tick = self.cfg.supervision.liveness_timeout_s, self._tick
+        stuck = None if tick is None else self.clock() - tick
+        return [f"the supervisor loop has not turned for {stuck:.0f} s (supervision.liveness_timeout_s={limit:g})"] if stuck and stuck > limit else []
+
     # -- lifecycle -----------------------------------------------------------
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         """Run until stopped or ``max_steps`` more steps; returns the final status."""
@@ -112,7 +119,8 @@ class Daemon:
         cfg = self.cfg
         try:
             admin = admin_endpoint(cfg.admin, self.run_dir, self.admin, lambda action, code: self.metrics.admin_calls.labels(action, str(code)).inc())
-            self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status, self.health, admin).start()
+            self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status, self.health,
+                                             self.liveness, admin).start()
         except OSError as e:
             raise ConfigError(f"cannot listen on metrics.host:metrics.port = {cfg.metrics.host}:{cfg.metrics.port} ({e}); "
                               "is another daemon running? Set metrics.port to a free port (0 picks one)") from e
@@ -180,6 +188,7 @@ class Daemon:
     def _loop(self, max_steps: int | None) -> None:
         taken = 0
         while not self.stop_event.is_set() and (max_steps is None or taken < max_steps):
+            self._tick = self.clock()
             if self.lease.lost:
                 raise EverlearnError(f"{self.lease.lost}; stopping so that two daemons never write one run")
             self.admin.run_pending(Operator(self))
