@@ -6,11 +6,17 @@ validation: every bad body answers 400 with that message, whatever its
 Content-Type, and never FastAPI's 422. The models still document the bodies
 (OpenAPI at /openapi.json). Errors map to statuses in one place (``guarded``):
 ``BadRequest`` 400 (``NotFound`` 404), ``NotReady`` 503, anything else 500 with
-the traceback in the log, and the replica goes on serving.
+the traceback in the log, and the replica goes on serving. ``guarded`` also
+counts every answer by route, status and latency (``server.answered``); answers
+no route gives (404, 405) count under the route ``other``.
+
+``GET /metrics`` answers serving's Prometheus metrics, summed over all replicas
+by the registry (deploy/serving_metrics.py): any replica gives the same numbers.
 """
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -18,15 +24,20 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from everlearn.deploy.requests import GenerateRequest, ScoreRequest, parse_request
+from everlearn.deploy.serving_metrics import OTHER, exposition
 
 OFF_LOOP_BYTES = 65_536  # bodies longer than this are parsed in a thread, not on the event loop
+ARRIVED = "everlearn.arrived"  # scope key: when the request reached the app (perf_counter), for answers no route times
+COUNTED = "everlearn.counted"  # scope key: a route counted this answer already (an HTTPException it raised)
 log = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
 ErrorBody = Callable[[int, str, Exception | None], dict[str, Any]]
+Answered = Callable[[str, int, float], None]  # (route's path template, status, seconds)
 
 
 class Health(BaseModel):
@@ -58,27 +69,44 @@ def plain_error(status: int, message: str, exc: Exception | None = None) -> dict
     return {"error": message}
 
 
-def guarded(error_body: ErrorBody, answered: Callable[[int], None]) -> type[APIRoute]:
+def guarded(error_body: ErrorBody, answered: Answered) -> type[APIRoute]:
     """A route class that answers every failure of its routes (body parsing included) with ``error_body``'s JSON,
-    and tells ``answered`` each status (the replica's request and error counts)."""
+    and tells ``answered`` each answer's route (path template), status and seconds (the replica's counts; for a
+    stream, the seconds until its headers)."""
 
     class Guarded(APIRoute):
         def get_route_handler(self):
             handler = super().get_route_handler()
+            path = self.path  # the template, prefix included: a bounded label whatever the URL
 
             async def route(request: Request) -> Response:
+                t0 = time.perf_counter()
                 try:
                     response = await handler(request)
-                except HTTPException:
+                except HTTPException as e:  # answered by the app's handler; counted here, where the route is known
+                    request.scope[COUNTED] = True
+                    answered(path, e.status_code, time.perf_counter() - t0)
                     raise
                 except Exception as e:  # noqa: BLE001 every failure becomes an answer; the replica goes on
                     response = error_response(e, request, error_body)
-                answered(response.status_code)
+                answered(path, response.status_code, time.perf_counter() - t0)
                 return response
 
             return route
 
     return Guarded
+
+
+class Arrival:
+    """ASGI middleware that notes when a request arrived: answers no route gives (404, 405) are timed from it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope[ARRIVED] = time.perf_counter()
+        await self.app(scope, receive, send)
 
 
 def error_response(e: Exception, request: Request, error_body: ErrorBody) -> JSONResponse:
@@ -127,6 +155,7 @@ def build_api(server) -> FastAPI:
     from everlearn.deploy.openai_schema import openai_error
 
     app = FastAPI(title="everlearn serving", description="The promoted model, hot-swapped in place.", version="1")
+    app.add_middleware(Arrival)
     router = APIRouter(route_class=guarded(plain_error, server.answered))
 
     def vocab() -> dict[str, Any]:
@@ -140,6 +169,18 @@ def build_api(server) -> FastAPI:
     @router.get("/version", response_model=VersionInfo)
     async def version() -> dict[str, Any]:
         return server.version_info()
+
+    @router.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition, summed over all replicas", "content": {CONTENT_TYPE_LATEST: {}}},
+        503: {"description": "the serving registry, which holds the totals, cannot be reached"}})
+    async def metrics() -> Response:
+        try:
+            aggregate = await server.registry_metrics()
+        except Exception as e:  # noqa: BLE001 a registry restarting or away: say so, the next scrape tries again
+            message = (f"the serving registry cannot be reached ({type(e).__name__}: {str(e)[:300]}); it holds the totals "
+                       "over all replicas that /metrics shows; try again shortly")
+            return JSONResponse(plain_error(503, message), status_code=503)
+        return Response(exposition(aggregate), media_type=CONTENT_TYPE_LATEST)
 
     generate_body, score_body = body(GenerateRequest, vocab), body(ScoreRequest, ready(server))
 
@@ -156,10 +197,13 @@ def build_api(server) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def no_route(request: Request, e: HTTPException) -> JSONResponse:
+        if not request.scope.get(COUNTED):
+            arrived = request.scope.get(ARRIVED)
+            server.answered(OTHER, e.status_code, 0.0 if arrived is None else time.perf_counter() - arrived)
         message = str(e.detail)
         if e.status_code in (404, 405):
-            message = (f"no route {request.method} {request.url.path}; try GET /version, GET /healthz, POST /generate, "
-                       "POST /score, POST /v1/completions, GET /v1/models")
+            message = (f"no route {request.method} {request.url.path}; try GET /version, GET /healthz, GET /metrics, "
+                       "POST /generate, POST /score, POST /v1/completions, GET /v1/models")
         error_body = openai_error if "/v1/" in request.url.path else plain_error
         return JSONResponse(error_body(e.status_code, message, None), status_code=e.status_code)
 

@@ -80,6 +80,7 @@ class _Run:
         self.server, self.loaded, self.req, self.ids, self.max_tokens = server, loaded, req, ids, max_tokens
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.completion_tokens = 0
+        self.decoded = 0  # tokens decoded over all choices, a stream cut short included (serving's token counter)
         info = loaded.info
         self.fingerprint = f"everlearn-v{info.get('version')}-{(info.get('manifest_sha256') or 'initial')[:12]}"
 
@@ -94,14 +95,22 @@ class _Run:
 
     def complete(self) -> list[tuple[str, str]]:
         out = []
-        for index in range(self.req.n or 1):
-            parts, finish = [], "length"
-            for delta, reason, count in self.choice(index):
-                parts.append(delta)
-                if reason is not None:
-                    finish, self.completion_tokens = reason, self.completion_tokens + count
-            out.append(("".join(parts), finish))
+        try:
+            for index in range(self.req.n or 1):
+                parts, finish, count = [], "length", 0
+                for delta, reason, count in self.choice(index):  # the last count: the choice's tokens
+                    parts.append(delta)
+                    if reason is not None:
+                        finish, self.completion_tokens = reason, self.completion_tokens + count
+                self.decoded += count
+                out.append(("".join(parts), finish))
+        finally:
+            self.counted()
         return out
+
+    def counted(self) -> None:
+        """Tell the replica's counters the tokens of this request: its prompt once, however many choices."""
+        self.server.metrics.tokens(prompt=len(self.ids), generated=self.decoded)
 
     def completion(self, choices: list[dict[str, Any]], usage: bool) -> dict[str, Any]:
         prompt = len(self.ids)
@@ -118,16 +127,19 @@ class _Run:
         def work() -> None:
             try:
                 for index in range(self.req.n or 1):
-                    for delta, reason, count in self.choice(index, cancelled):
+                    count = 0
+                    for delta, reason, count in self.choice(index, cancelled):  # the last count: the choice's tokens
                         if reason is not None:
                             self.completion_tokens += count
                         loop.call_soon_threadsafe(queue.put_nowait, (index, delta, reason))
+                    self.decoded += count
                     if cancelled.is_set():
                         break
             except Exception as e:  # noqa: BLE001 the headers are sent: the error goes into the stream
                 log.exception("streaming %s failed", self.id)
                 loop.call_soon_threadsafe(queue.put_nowait, e)
             finally:
+                self.counted()
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
         loop.run_in_executor(None, work)  # it ends by itself: with its last choice, or at the next token once cancelled

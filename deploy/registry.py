@@ -12,6 +12,11 @@ error it got); ``wait_for`` answers when enough live replicas hold the record,
 or as soon as one says it cannot load it. Nothing is redeployed, so no replica
 restarts and in-flight requests finish on the weights they started with.
 
+The heartbeat also carries each replica's cumulative serving counters
+(deploy/serving_metrics.py); ``metrics`` sums them over every replica the
+registry knows, plus those it has forgotten (``retired``), so the totals any
+replica exposes at /metrics only grow while the registry lives.
+
 SERVED.json beside the checkpoints stays the durable truth: a registry that
 (re)starts reads the promoted record from it, so a replica that (re)starts
 while the daemon is away still loads the promoted version.
@@ -19,13 +24,17 @@ while the daemon is away still loads the promoted version.
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+
+from everlearn.deploy.serving_metrics import REPLICA_STATES, clean, empty, merge, newest
 
 SERVED = "SERVED.json"  # written by deploy/promote.py: the commit point of a promotion
 RECORD_KEYS = ("version", "uri", "name", "step", "manifest_sha256", "promoted_unix")  # the promoted record, as in SERVED.json
@@ -34,6 +43,7 @@ HEARTBEAT_S = 1.0  # a replica reports at least this often (its long-poll's time
 FRESH_S = 5.0  # a replica not heard from for this long is taken as gone (5 heartbeats: a GC pause is not a death)
 FORGET_S = 300.0  # reports older than this are dropped, so replicas that came and went do not pile up
 REREAD_S = 5.0  # without a record, SERVED.json is read again at most this often
+RETIRED_IDS = 1024  # forgotten replicas whose counters can still be taken back out if they report again (a late heartbeat)
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +56,18 @@ def holds(replica: dict[str, Any], version: int, sha: str | None) -> bool:
     return replica.get("manifest_sha256") == sha if sha else replica.get("version") == version
 
 
+def replica_state(replica: dict[str, Any], record: dict[str, Any] | None) -> str:
+    """``current`` (holds the promoted record), ``failed`` (reports it cannot load it), ``stale`` (holds another), ``empty``."""
+    if record is not None:
+        version, sha = record["version"], record.get("manifest_sha256")
+        if holds(replica, version, sha):
+            return "current"
+        error = replica.get("error")
+        if isinstance(error, dict) and holds(error, version, sha):
+            return "failed"
+    return "stale" if replica.get("version") is not None else "empty"
+
+
 class RegistryState:
     """The registry's data and rules, shared by the Ray actor and the in-memory double (``clock``: seconds)."""
 
@@ -56,6 +78,8 @@ class RegistryState:
         self.replicas: dict[str, dict[str, Any]] = {}
         self.deployed_sha: str | None = None
         self.clock = clock
+        self.retired = empty()  # the last counters of every replica forgotten: the totals stay monotonic
+        self.retired_ids: OrderedDict[str, Any] = OrderedDict()  # replica id -> what it added to ``retired``
 
     @property
     def token(self) -> str:
@@ -74,16 +98,52 @@ class RegistryState:
 
     def report(self, replica_id: str, state: dict[str, Any]) -> None:
         now = self.clock()
+        state = {**state, "metrics": clean(state.get("metrics"))}  # only known labels and shapes are ever summed
+        retired = self._unretire(replica_id)
+        if retired is not None:  # heard from after it was forgotten (a late heartbeat): counted once, never less than before
+            state["metrics"] = newest(retired, state["metrics"])
         self.replicas[replica_id] = {**state, "replica_id": replica_id, "seen_unix": now}
         for rid in [r for r, s in self.replicas.items() if now - s["seen_unix"] > FORGET_S]:
-            del self.replicas[rid]
+            self._retire(rid, self.replicas.pop(rid).get("metrics"))
 
-    def forget(self, replica_id: str) -> None:
-        self.replicas.pop(replica_id, None)
+    def forget(self, replica_id: str, last: dict[str, Any] | None = None) -> None:
+        """Drop a replica; its counters (``last``: the final ones it sends as it stops) move to ``retired``."""
+        state = self.replicas.pop(replica_id, None)
+        known = [m for m in (self._unretire(replica_id), (state or {}).get("metrics"), None if last is None else clean(last)) if isinstance(m, dict)]
+        if known:  # snapshots of one replica's cumulative counters: the newest is the largest
+            self._retire(replica_id, functools.reduce(newest, known))
+
+    def _retire(self, replica_id: str, metrics: dict[str, Any]) -> None:
+        self.retired_ids[replica_id] = metrics
+        merge(self.retired, metrics)
+        while len(self.retired_ids) > RETIRED_IDS:  # its counters stay in ``retired``; only taking them back out is no longer possible
+            self.retired_ids.popitem(last=False)
+
+    def _unretire(self, replica_id: str) -> dict[str, Any] | None:
+        """Take a forgotten replica's counters back out of ``retired``; returns them (None: it was not retired)."""
+        metrics = self.retired_ids.pop(replica_id, None)
+        if metrics is not None:
+            merge(self.retired, metrics, sign=-1)
+        return metrics
 
     def live(self) -> list[dict[str, Any]]:
+        """The replicas heard from in the last FRESH_S, as they reported (without their counters: see ``metrics``)."""
         now = self.clock()
-        return [dict(r, age_s=round(now - r["seen_unix"], 3)) for r in self.replicas.values() if now - r["seen_unix"] <= FRESH_S]
+        return [{**{k: v for k, v in r.items() if k != "metrics"}, "age_s": round(now - r["seen_unix"], 3)}
+                for r in self.replicas.values() if now - r["seen_unix"] <= FRESH_S]
+
+    def metrics(self) -> dict[str, Any]:
+        """Serving's counters summed over every replica known and retired, and gauges of the live replicas."""
+        counters = merge(empty(), self.retired)
+        for replica in self.replicas.values():
+            merge(counters, replica.get("metrics"))
+        states = dict.fromkeys(REPLICA_STATES, 0)
+        live = self.live()
+        for replica in live:
+            states[replica_state(replica, self.record)] += 1
+        versions = [r["version"] for r in live if isinstance(r.get("version"), int) and not isinstance(r.get("version"), bool)]
+        return {"counters": counters, "replicas": states, "promoted_version": None if self.record is None else self.record["version"],
+                "lowest_version": min(versions, default=None), "known": len(self.replicas)}
 
     def progress(self, version: int, sha: str | None, want: int) -> dict[str, Any]:
         """``ok`` when ``want`` live replicas hold the record; ``error`` when a live one reports it cannot load it."""
@@ -163,9 +223,12 @@ class ServingRegistry:
         self.state.report(replica_id, state)
         await self._notify()
 
-    async def forget(self, replica_id: str) -> None:
-        self.state.forget(replica_id)
+    async def forget(self, replica_id: str, last: dict[str, Any] | None = None) -> None:
+        self.state.forget(replica_id, last)
         await self._notify()
+
+    async def metrics(self) -> dict[str, Any]:
+        return self.state.metrics()
 
     async def wait_for(self, version: int, sha: str | None, want: int, timeout_s: float) -> dict[str, Any]:
         """Progress of a swap to (version, sha), once it is decided (ok or error) or after ``timeout_s``."""
@@ -177,7 +240,7 @@ class ServingRegistry:
 
 
 class MemoryRegistry:
-    """An in-process double of the actor as replicas see it (``current``, ``watch``, ``report``, ``forget``): unit tests."""
+    """An in-process double of the actor as replicas see it (``current``, ``watch``, ``report``, ``forget``, ``metrics``): unit tests."""
 
     def __init__(self, record: dict[str, Any] | None = None):
         self.state = RegistryState()
@@ -204,8 +267,13 @@ class MemoryRegistry:
             self.state.report(replica_id, state)
             self.changed.notify_all()
 
-    def forget(self, replica_id: str) -> None:
-        self.state.forget(replica_id)
+    def forget(self, replica_id: str, last: dict[str, Any] | None = None) -> None:
+        with self.changed:
+            self.state.forget(replica_id, last)
+
+    def metrics(self) -> dict[str, Any]:
+        with self.changed:
+            return self.state.metrics()
 
 
 class ActorRegistry:
@@ -235,8 +303,11 @@ class ActorRegistry:
     def report(self, replica_id: str, state: dict[str, Any]) -> None:
         self._call("report", replica_id, state)
 
-    def forget(self, replica_id: str) -> None:
-        self._call("forget", replica_id, timeout_s=5.0)  # at shutdown: do not hold the replica's exit
+    def forget(self, replica_id: str, last: dict[str, Any] | None = None) -> None:
+        self._call("forget", replica_id, last, timeout_s=5.0)  # at shutdown: do not hold the replica's exit
+
+    def metrics(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        return self._call("metrics", timeout_s=timeout_s)  # a scrape: answer 503 rather than outlast its timeout
 
 
 def registry_actor(app_name: str, store_url: str, storage_options: dict[str, Any] | None = None):

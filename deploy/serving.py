@@ -9,11 +9,15 @@ It reports what it holds (or why it could not load a version) to the
 registry, which is how ``Server.swap`` knows every replica has the new one.
 
 HTTP (a FastAPI app per replica, deploy/http_api.py and deploy/openai_api.py):
-``GET /healthz``, ``GET /version``, ``POST /generate``, ``POST /score``,
+``GET /healthz``, ``GET /version``, ``GET /metrics``, ``POST /generate``, ``POST /score``,
 ``POST /v1/completions``, ``GET /v1/models``. /score requests are batched
 (``@serve.batch``): the chunks of every text in a batch share forwards
 (deploy/scoring.py), which run in a worker thread so the event loop keeps
 accepting requests.
+
+The replica counts its answers, their latency, the tokens it processed and its
+version loads (deploy/serving_metrics.py) and sends the totals with each
+heartbeat; /metrics answers the registry's sum over all replicas.
 """
 
 import asyncio
@@ -33,6 +37,7 @@ from everlearn.deploy.registry import HEARTBEAT_S, ActorRegistry
 from everlearn.deploy.requests import BadRequest, GenerateRequest, fit_prompt
 from everlearn.deploy.scoring import Scored, chunks, score_rows
 from everlearn.deploy.serve_config import ReplicaSettings
+from everlearn.deploy.serving_metrics import ReplicaMetrics
 from everlearn.errors import ServingError
 from everlearn.learners import (
     CheckpointRef,
@@ -89,6 +94,7 @@ class LanguageModelServer:
         self.loaded: Loaded | None = None
         self.load_error: dict[str, Any] | None = None
         self.requests = self.errors = 0  # answers since the replica started, and those of 5xx (reported to the registry)
+        self.metrics = ReplicaMetrics()  # the same answers by route, code and latency; tokens; loads (GET /metrics, via the registry)
         self._lock = threading.Lock()  # one load at a time
         self._stop = threading.Event()
         # one forward at a time, in a thread of its own: batches queue behind it, the event loop keeps accepting
@@ -128,7 +134,12 @@ class LanguageModelServer:
                 if held is not None and same_weights(held.info, record):
                     self.loaded = Loaded(held.model, {**held.info, **record})  # same weights: the record may be renumbered
                 else:
-                    self.loaded = self._build(record)
+                    try:
+                        self.loaded = self._build(record)
+                    except Exception:
+                        self.metrics.loaded(ok=False)
+                        raise
+                    self.metrics.loaded(ok=True, seconds=self.loaded.info["loaded_in_s"])
                 self.load_error = None
             except Exception as e:
                 self.load_error = {"version": record.get("version"), "manifest_sha256": record.get("manifest_sha256"),
@@ -147,11 +158,15 @@ class LanguageModelServer:
         return Loaded(model, dict(record, loaded_in_s=round(time.perf_counter() - t0, 4), loaded_unix=time.time()))
 
     def report(self) -> None:
-        """Tell the registry what this replica holds (also its heartbeat); a registry that is away hears the next one."""
+        """Tell the registry what this replica holds (also its heartbeat); a registry that is away hears the next one.
+
+        Not after ``close``: a heartbeat after leaving would bring the replica back until it ages out."""
+        if self._stop.is_set():
+            return
         info = self.loaded.info if self.loaded is not None else {}
         state = {"pid": os.getpid(), "version": info.get("version"), "manifest_sha256": info.get("manifest_sha256"),
                  "step": info.get("step"), "error": self.load_error, "config_sha": self.settings.config_sha,
-                 "requests": self.requests, "errors": self.errors}
+                 "requests": self.requests, "errors": self.errors, "metrics": self.metrics.snapshot()}
         try:
             self.registry.report(self.replica_id, state)
         except Exception as e:  # noqa: BLE001 the registry restarts by itself; the watcher retries
@@ -186,7 +201,7 @@ class LanguageModelServer:
         self._stop.set()
         self._forward.shutdown(wait=False)
         try:
-            self.registry.forget(self.replica_id)
+            self.registry.forget(self.replica_id, self.metrics.snapshot())  # with its last counts: the registry's totals keep them
         except Exception as e:  # noqa: BLE001 it ages out of the registry by itself
             log.info("cannot leave the serving registry: %s", e)
 
@@ -195,9 +210,15 @@ class LanguageModelServer:
             self.close()
 
     # -- what the endpoints call -------------------------------------------------
-    def answered(self, status: int) -> None:
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """An answer of a route (its path template; ``other`` for none), its status and how long it took."""
         self.requests += 1
         self.errors += status >= 500
+        self.metrics.answered(route, status, seconds)
+
+    async def registry_metrics(self) -> dict[str, Any]:
+        """Serving's totals over all replicas, from the registry (in a thread: its client blocks)."""
+        return await asyncio.to_thread(self.registry.metrics)
 
     def current(self) -> Loaded:
         loaded = self.loaded
@@ -220,6 +241,7 @@ class LanguageModelServer:
         ids = self.prompt_ids(loaded, req.prompt, req.max_new_tokens)
         new = await asyncio.to_thread(decode, loaded.model, ids, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                                       top_k=req.top_k, generator=new_generator(req.seed), eos_id=self.tokenizer.eos_id)
+        self.metrics.tokens(prompt=len(ids), generated=len(new))
         return {"text": self.tokenizer.decode(new), "version": loaded.info.get("version")}
 
     async def score(self, text: str) -> dict[str, Any]:
@@ -227,6 +249,7 @@ class LanguageModelServer:
         loaded = self.current()
         rows = await asyncio.to_thread(self._rows, text, loaded) if len(text) > OFF_LOOP_CHARS else self._rows(text, loaded)
         scored, version = await self.score_batch(rows)
+        self.metrics.tokens(scored=scored.tokens)
         return {"loss": scored.loss_sum / scored.tokens, "tokens": scored.tokens, "version": version}
 
     def _rows(self, text: str, loaded: Loaded) -> list[np.ndarray]:

@@ -1,5 +1,5 @@
 """Serving on a real local Ray Serve, over loopback HTTP: two runs side by side, the official openai client,
-a restarted daemon that must not redeploy, a killed replica, and swaps under load."""
+serving's /metrics, a restarted daemon that must not redeploy, a killed replica, and swaps under load."""
 
 import json
 import os
@@ -16,6 +16,7 @@ from everlearn.deploy.serve_config import ServeConfig
 from everlearn.learners import CheckpointStore, Learner, ModelConfig, ScheduleConfig, TrainConfig
 from tests.conftest import free_port
 from tests.unit.test_bench import load
+from tests.unit.test_serving_metrics import families, promtool_check, value
 
 pytestmark = pytest.mark.integration
 
@@ -109,6 +110,34 @@ def test_the_openai_client_completes_and_streams(runs):
         client.completions.create(model="run-b", prompt="x" * 60, max_tokens=10)
     with pytest.raises(openai.NotFoundError, match="run-b"):
         client.completions.create(model="gpt-4", prompt="ab", max_tokens=2)
+
+
+def test_metrics_through_serve_count_the_requests_sent_and_pass_promtool(runs):
+    _, _, b, records_b = runs
+
+    def scrape() -> bytes:
+        with urllib.request.urlopen(f"{b.url}/metrics", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version="), r.headers
+            return r.read()
+
+    def scored(text: bytes) -> float:
+        fams = families(text)
+        return next((s.value for s in fams["everlearn_serving_requests"].samples
+                     if s.name == "everlearn_serving_requests_total" and s.labels == {"route": "/score", "code": "200"}), 0.0)
+
+    before, sent = scored(scrape()), 5
+    for i in range(sent):
+        assert post(f"{b.url}/score", {"text": f"the quick brown fox {i}"})[0] == 200
+    deadline = time.monotonic() + 15  # the counts reach the registry with the replica's next heartbeat (1 s)
+    while scored(text := scrape()) < before + sent and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scored(text) - before == sent
+    promtool_check(text)
+    fams = families(text)
+    assert value(fams, "everlearn_serving_version") == records_b[1]["version"] == value(fams, "everlearn_serving_promoted_version")
+    assert value(fams, "everlearn_serving_replicas", state="current") == 1 and value(fams, "everlearn_serving_replicas", state="stale") == 0
+    assert value(fams, "everlearn_serving_request_seconds_count", route="/score") >= sent
+    assert value(fams, "everlearn_serving_tokens_total", kind="scored") > 0
 
 
 def test_no_request_holds_a_replica_a_300_kb_score_is_refused_fast(runs):
