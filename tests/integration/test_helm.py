@@ -138,7 +138,8 @@ def test_the_daemon_shares_tmp_with_the_head_and_is_probed_on_its_endpoints(char
     ray, daemon = head["containers"]
     assert ray["name"] == "ray-head" and daemon["name"] == "daemon"  # KubeRay starts Ray in the first container
     mount = lambda c: next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp")  # noqa: E731
-    assert mount(ray) == mount(daemon)  # Ray's session directory: `ray.address: auto` finds the raylet
+    assert mount(ray) == mount(daemon)  # Ray's session directory: `ray.address: auto` finds the raylet's sockets
+    assert head["shareProcessNamespace"] is True  # ... and a driver finds its raylet among the processes it can see
     assert daemon["args"] == ["run", "-c", "/etc/everlearn/config.yaml"]
     assert daemon["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
     assert daemon["startupProbe"]["httpGet"]["path"] == "/livez" and daemon["readinessProbe"]["httpGet"]["path"] == "/status"
