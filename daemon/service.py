@@ -106,8 +106,10 @@ class Daemon:
         self.lease.acquire()
         try:
             seed_if_empty(self.cfg.source.url, self.cfg.demo, self.progress.event)
-            StopSignals(self.stop_event, self.cfg.supervision.stop_grace_s, self.progress.event).install()
+            signals = StopSignals(self.stop_event, self.cfg.supervision.stop_grace_s, self.progress.event)
+            signals.install()  # a stop while waiting for a cluster that is not up yet ends the wait
             self._ray_owned = start_ray(self.cfg, self.progress.event, self.stop_event)
+            signals.install()  # again: ray.init puts in a SIGTERM handler of its own
             self._open()
             self._loop(max_steps)
             self._stop()
