@@ -10,41 +10,6 @@ from tests.conftest import _wait_http, free_port
 
 
 @pytest.fixture
-def prometheus(tmp_path):
-    """A real Prometheus (Debian's binary) started with a scrape config; yields (start, api URL).
-
-    ``start(targets)`` writes the config scraping ``targets`` (host:port) every second and starts it.
-    """
-    exe = shutil.which("prometheus")
-    assert exe, "prometheus not found: `make test` installs Debian's package (apt-get install prometheus)"
-    procs: list[subprocess.Popen] = []
-    port = free_port()
-
-    def start(targets: list[str]) -> str:
-        cfg = tmp_path / "prometheus.yml"
-        cfg.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            f"  - job_name: everlearn\n    static_configs: [{{targets: {targets!r}}}]\n"
-        )
-        proc = subprocess.Popen(
-            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        _wait_http(f"http://127.0.0.1:{port}/-/ready", 30, proc)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture
 def prometheus_with(tmp_path):
     """A real Prometheus (Debian's binary) started with whole scrape jobs and rule files; yields ``start``.
 
@@ -81,3 +46,9 @@ def prometheus_with(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def prometheus(prometheus_with):
+    """``start(targets)``: a real Prometheus scraping ``targets`` (host:port) every second as job ``everlearn``."""
+    return lambda targets: prometheus_with([{"job_name": "everlearn", "static_configs": [{"targets": list(targets)}]}])
