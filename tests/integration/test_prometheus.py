@@ -13,11 +13,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from everlearn.daemon import demo
 from everlearn.daemon.http import StatusServer
 from everlearn.daemon.metrics import Metrics
 from tests import k8s_schemas
-from tests.e2e.helpers import DaemonProcess, get_json, tiny_config, wait_for
+from tests.e2e.helpers import get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -170,9 +169,8 @@ def _promtool_check_metrics(url: str) -> None:
     assert result.returncode == 0, f"{url}: " + result.stdout.decode() + result.stderr.decode()
 
 
-def test_prometheus_scrapes_the_running_daemon_and_serving_as_the_chart_says(tmp_path, port_factory, prometheus_with):
-    """`everlearn run` (tiny model, local Ray, serving on) trains and promotes while a real Prometheus scrapes it with
-    the jobs the chart's ServiceMonitors make and evaluates the chart's alert rules: PromQL sees what /status says."""
+def chart_scrape_config(tmp_path: Path, metrics_port: int, serve_port: int) -> tuple[list[dict], Path, dict]:
+    """The chart's ServiceMonitors as static scrape jobs on the local ports, and its PrometheusRule as a rules file."""
     import helm_python
 
     docs = k8s_schemas.documents(helm_python.Chart.load(str(CHART)).render({}, name="el", namespace="learning"))
@@ -182,66 +180,56 @@ def test_prometheus_scrapes_the_running_daemon_and_serving_as_the_chart_says(tmp
     assert set(rule["spec"]) == {"groups"}, sorted(rule["spec"])
     rules_file = tmp_path / "everlearn-rules.yml"
     rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-
-    serve_port, metrics_port = port_factory(), port_factory()
-    config = tiny_config(tmp_path, serve_port, metrics_port, gate={"every_steps": 10}, checkpoint={"every_steps": 10, "keep_last": 2})
-    with open(tmp_path / "stream" / "00-manpages.jsonl", "w") as f:
-        for doc_id, text in demo.take(demo.man_pages(), 40_000):
-            f.write(json.dumps({"id": doc_id, "text": text, "domain": "manpages"}) + "\n")
-    daemon_url, serve_url = f"http://127.0.0.1:{metrics_port}", f"http://127.0.0.1:{serve_port}"
     # the chart's container ports by name: the daemon's metrics port, Serve's HTTP port
     local_ports = {"metrics": metrics_port, "serve": serve_port}
     jobs = [scrape_job(monitors[name], docs, local_ports, "learning") for name in sorted(monitors)]
     assert {j["static_configs"][0]["targets"][0] for j in jobs} == {f"127.0.0.1:{metrics_port}", f"127.0.0.1:{serve_port}"}
+    return jobs, rules_file, rule
 
-    daemon = DaemonProcess(config, log=tmp_path / "daemon.log")
-    try:
-        api = prometheus_with(jobs, [rules_file])
-        status = wait_for(lambda: (s := get_json(f"{daemon_url}/status"))["served_version"] and s, 150, "a promoted version", daemon)
-        assert status["served_version"] > 0
 
-        _promtool_check_metrics(f"{daemon_url}/metrics")
-        _promtool_check_metrics(f"{serve_url}/metrics")
+def assert_prometheus_sees_what_status_says(api: str, daemon, daemon_url: str, serve_url: str, rules_file: Path, rule: dict) -> None:
+    """A running daemon that promoted a version, scraped by a Prometheus started with ``chart_scrape_config``:
+    both expositions lint-clean, both targets up, tokens trained and the served version as /status says them,
+    every chart rule evaluated without error, and the daemon not alerted as down."""
+    _promtool_check_metrics(f"{daemon_url}/metrics")
+    _promtool_check_metrics(f"{serve_url}/metrics")
 
-        wait_for(lambda: _scalar(api, 'up{everlearn_component="daemon"}') == 1 and _scalar(api, 'up{everlearn_component="serving"}') == 1,
-                 60, "both targets up", daemon, interval=0.5)
+    wait_for(lambda: _scalar(api, 'up{everlearn_component="daemon"}') == 1 and _scalar(api, 'up{everlearn_component="serving"}') == 1,
+             60, "both targets up", daemon, interval=0.5)
 
-        # tokens trained: a sample scraped after `before` was read lies between it and what /status says right after
-        before = get_json(f"{daemon_url}/status")["tokens_trained"]
-        read_at = time.time()
+    # tokens trained: a sample scraped after `before` was read lies between it and what /status says right after
+    before = get_json(f"{daemon_url}/status")["tokens_trained"]
+    read_at = time.time()
 
-        def tokens_sampled_after_read():
-            sample = _query(api, 'timestamp(everlearn_tokens_trained_total{everlearn_component="daemon"})')
-            return sample and float(sample[0]["value"][1]) > read_at and _scalar(api, 'everlearn_tokens_trained_total{everlearn_component="daemon"}')
+    def tokens_sampled_after_read():
+        sample = _query(api, 'timestamp(everlearn_tokens_trained_total{everlearn_component="daemon"})')
+        return sample and float(sample[0]["value"][1]) > read_at and _scalar(api, 'everlearn_tokens_trained_total{everlearn_component="daemon"}')
 
-        scraped = wait_for(tokens_sampled_after_read, 60, "a tokens-trained sample scraped after /status", daemon, interval=0.5)
-        after = get_json(f"{daemon_url}/status")["tokens_trained"]
-        assert 0 < before <= scraped <= after, (before, scraped, after)
+    scraped = wait_for(tokens_sampled_after_read, 60, "a tokens-trained sample scraped after /status", daemon, interval=0.5)
+    after = get_json(f"{daemon_url}/status")["tokens_trained"]
+    assert 0 < before <= scraped <= after, (before, scraped, after)
 
-        # the served version: the daemon's gauge, serving's gauge and /status agree (a promotion may come between: poll)
-        def versions_agree():
-            served, serving = (_scalar(api, 'everlearn_served_version{everlearn_component="daemon"}'),
-                               _scalar(api, 'everlearn_serving_version{everlearn_component="serving"}'))
-            version = get_json(f"{daemon_url}/status")["served_version"]
-            return served == serving == version and version > 0 and version
+    # the served version: the daemon's gauge, serving's gauge and /status agree (a promotion may come between: poll)
+    def versions_agree():
+        served, serving = (_scalar(api, 'everlearn_served_version{everlearn_component="daemon"}'),
+                           _scalar(api, 'everlearn_serving_version{everlearn_component="serving"}'))
+        version = get_json(f"{daemon_url}/status")["served_version"]
+        return served == serving == version and version > 0 and version
 
-        wait_for(versions_agree, 60, "the scraped served versions to agree with /status", daemon, interval=0.5)
+    wait_for(versions_agree, 60, "the scraped served versions to agree with /status", daemon, interval=0.5)
 
-        # the chart's rules: loaded, every one evaluated without error, and the daemon is not down
-        groups = get_json(f"{api}/api/v1/rules")["data"]["groups"]
-        assert {g["name"] for g in groups} == {g["name"] for g in rule["spec"]["groups"]}
-        assert {g["file"] for g in groups} == {str(rules_file)}
+    # the chart's rules: loaded, every one evaluated without error, and the daemon is not down
+    groups = get_json(f"{api}/api/v1/rules")["data"]["groups"]
+    assert {g["name"] for g in groups} == {g["name"] for g in rule["spec"]["groups"]}
+    assert {g["file"] for g in groups} == {str(rules_file)}
 
-        def rules_evaluated():
-            rules = [r for g in get_json(f"{api}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-            return all(r["health"] != "unknown" and not r["lastEvaluation"].startswith("0001-") for r in rules) and rules
+    def rules_evaluated():
+        rules = [r for g in get_json(f"{api}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+        return all(r["health"] != "unknown" and not r["lastEvaluation"].startswith("0001-") for r in rules) and rules
 
-        rules = wait_for(rules_evaluated, 30, "every rule evaluated", daemon, interval=0.5)
-        assert len(rules) == sum(len(g["rules"]) for g in rule["spec"]["groups"])
-        assert [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
-        alerts = get_json(f"{api}/api/v1/alerts")["data"]["alerts"]
-        assert not [a for a in alerts if a["labels"]["alertname"] == "EverlearnDaemonDown"], alerts
-
-        assert daemon.terminate() == 0, daemon.tail()
-    finally:
-        daemon.kill()
+    rules = wait_for(rules_evaluated, 30, "every rule evaluated", daemon, interval=0.5)
+    assert len(rules) == sum(len(g["rules"]) for g in rule["spec"]["groups"])
+    assert [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    alerts = get_json(f"{api}/api/v1/alerts")["data"]["alerts"]
+    assert not [a for a in alerts if a["labels"]["alertname"] == "EverlearnDaemonDown"], alerts
+    # the live test: tests/integration/test_cluster_daemon.py (the daemon on a Ray head it joined, as in the chart)

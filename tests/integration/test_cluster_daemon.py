@@ -2,7 +2,8 @@
 the `ray-head` container) and the daemon joining it with the chart's `ray.address: auto` from a process of its own
 (the `daemon` container, which shares /tmp and the process namespace with the head).
 
-What the chart's README promises is checked: the daemon waits for a head that is not up yet; a `kill -9` of the
+What the chart's README promises is checked: the daemon waits for a head that is not up yet; a real Prometheus,
+given the chart's ServiceMonitors as static jobs and its alert rules, sees what /status says; a `kill -9` of the
 daemon leaves serving answering on the promoted version; the restarted daemon joins the same cluster, finds
 serving running and resumes training from its checkpoint; a clean stop leaves serving up.
 """
@@ -26,8 +27,12 @@ from everlearn.daemon import demo
 from tests.conftest import free_port
 from tests.e2e.helpers import DaemonProcess, get_json, post_json, tiny_config, wait_for
 from tests.e2e.test_daemon import _write_stream
+from tests.integration.test_prometheus import (
+    assert_prometheus_sees_what_status_says,
+    chart_scrape_config,
+)
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.integration
 
 
 class RayHead:
@@ -96,19 +101,22 @@ class Hammer(threading.Thread):
             self.stopped.wait(0.05)
 
 
-def test_the_daemon_restarts_alone_while_serving_on_the_joined_cluster_keeps_answering(tmp_path, head):
+def test_the_daemon_restarts_alone_while_serving_on_the_joined_cluster_keeps_answering(tmp_path, head, prometheus_with):
     serve_port, metrics_port = free_port(), free_port()
     config = tiny_config(tmp_path, serve_port, metrics_port, ray={"address": "auto", "connect_timeout_s": 120})
     base, status_url = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{metrics_port}/status"
     docs = demo.take(demo.man_pages(), 40_000)
     _write_stream(tmp_path / "stream", "00-manpages.jsonl", "manpages", docs)
 
+    jobs, rules_file, rule = chart_scrape_config(tmp_path, metrics_port, serve_port)
     first = DaemonProcess(config, log=tmp_path / "run1.log")  # started with the head, as the two containers are
     hammer = None
     try:
+        api = prometheus_with(jobs, [rules_file])
         wait_for(lambda: (get_json(status_url)["served_version"] or 0) >= 1, 240, "a promotion on the joined cluster", first)
         events = [e["event"] for e in first.events()]
         assert "ready" in events
+        assert_prometheus_sees_what_status_says(api, first, status_url.removesuffix("/status"), base, rules_file, rule)
         before = get_json(status_url)
         version = get_json(f"{base}/version")["version"]
         assert version == before["served_version"]
@@ -123,6 +131,7 @@ def test_the_daemon_restarts_alone_while_serving_on_the_joined_cluster_keeps_ans
         assert down and len(set(down)) == 1 and down[0] >= version, down[-5:]  # answered with no daemon, on the promoted version
         version = down[0]
 
+        _write_stream(tmp_path / "stream", "01-python.jsonl", "python", demo.take(demo.python_sources(), 30_000))  # more while it is down
         second = DaemonProcess(config, log=tmp_path / "run2.log")
         try:
             wait_for(lambda: get_json(status_url)["step"] > before["step"], 240, "training resumed after the restart", second)
