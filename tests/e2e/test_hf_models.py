@@ -80,29 +80,20 @@ def test_a_model_directory_trains_promotes_and_serves(tmp_path, port_factory, fa
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert loss == pytest.approx(short["loss"], rel=1e-4)  # the exported model is the served one (merged: rounding only)
+    if lora:
+        base_changed_refuses_to_resume(config, model_dir, family, tmp_path)
 
 
-def test_a_lora_run_whose_base_changed_refuses_to_resume_and_names_the_base(tmp_path, port_factory):
-    model_dir = save_tiny("llama", tmp_path / "base", width=32, layers=1, context=128)
-    config = tiny_config(tmp_path, port_factory(), port_factory(), model={"name_or_path": str(model_dir), "lora": {"r": 2}},
-                         serve={"enabled": False})
-    docs = demo.take(demo.python_sources(), 20_000)
-    with open(tmp_path / "stream" / "00.jsonl", "w") as f:
-        for doc_id, text in docs:
-            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-    first = DaemonProcess(config, "--max-steps", "3", log=tmp_path / "first.log")
+def base_changed_refuses_to_resume(config, model_dir, family: str, tmp_path) -> None:
+    """Someone replaced the base's weights in place under a LoRA run: the restart is refused, exit 2, naming the base."""
+    save_tiny(family, model_dir, width=64, layers=2, context=128)  # new random weights, same shape
+    again = DaemonProcess(config, "--max-steps", "3", log=tmp_path / "base-changed.log")
     try:
-        assert first.wait(240) == 0, first.tail()
+        code = again.wait(240)
     finally:
-        first.kill()
-    save_tiny("llama", model_dir, width=32, layers=1, context=128)  # someone replaced the base's weights in place
-    second = DaemonProcess(config, "--max-steps", "3", log=tmp_path / "second.log")
-    try:
-        code = second.wait(240)
-    finally:
-        second.kill()
-    assert code == 2, second.tail()
-    message = [line for line in second.tail().splitlines() if line.startswith("everlearn run: ")]
-    assert message and "set model.name_or_path to that base" in message[-1] and "ray::" not in message[-1], second.tail()
+        again.kill()
+    assert code == 2, again.tail()
+    message = [line for line in again.tail().splitlines() if line.startswith("everlearn run: ")]
+    assert message and "set model.name_or_path to that base" in message[-1] and "ray::" not in message[-1], again.tail()
     # nothing was set aside: the checkpoint is fine, the configuration is not
     assert not (tmp_path / "run" / "checkpoints" / "set-aside").exists()
