@@ -48,11 +48,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends wget=1.21.* \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1000 everlearn \
- && useradd --uid 1000 --gid 1000 --home-dir /tmp/home --no-create-home --shell /bin/bash everlearn
+ && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /bin/bash everlearn
 COPY --from=build /opt/everlearn /opt/everlearn
 COPY --from=build /src/LICENSE /usr/share/doc/everlearn/
 ENV PATH=/opt/everlearn/bin:$PATH \
-    HOME=/tmp/home \
+    HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -84,7 +84,7 @@ seccompProfile:
 {{/* Environment every everlearn process needs: a writable HOME and caches on the /tmp volume, S3 credentials by reference. */}}
 {{- define "everlearn.commonEnv" -}}
 - name: HOME
-  value: /tmp/home
+  value: /tmp
 - name: HF_HOME
   value: /tmp/huggingface
 - name: TRITON_CACHE_DIR
