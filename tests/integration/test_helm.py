@@ -55,7 +55,7 @@ def values_of(path: Path | None) -> dict[str, Any]:
 
 
 def test_there_are_realistic_values_files():
-    assert {p.stem for p in EXAMPLES} >= {"cpu-only", "gpu", "kafka-sasl", "s3"}
+    assert {p.stem for p in EXAMPLES} >= {"cpu-only", "gpu", "kafka-sasl", "s3", "autoscaling-ha"}
 
 
 def test_helm_lint_is_clean(chart):
@@ -68,6 +68,7 @@ def test_every_manifest_is_valid_against_its_schema(chart, path):
     docs = render(chart, values_of(path))
     kinds = {d["kind"] for d in docs}
     assert {"RayCluster", "ConfigMap", "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount"} <= kinds
+    assert ("PodMonitor" in kinds) == values_of(path).get("monitoring", {}).get("rayPodMonitor", {}).get("enabled", False)
     assert [e for d in docs for e in validate(d)] == []
 
 
@@ -116,11 +117,15 @@ def test_the_rendered_config_is_a_valid_everlearn_config_wired_to_the_pods(chart
 
 @pytest.mark.parametrize("path", VALUES)
 def test_every_pod_and_container_meets_the_restricted_profile(chart, path):
-    docs = render(chart, values_of(path))
+    values = values_of(path)
+    docs = render(chart, values)
+    autoscaling = values.get("autoscaling", {}).get("enabled", False)
+    restricted = pods(docs)["head"]["spec"]["containers"][0]["securityContext"]
     for name, template in pods(docs).items():
         spec = template["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert spec["automountServiceAccountToken"] is False and not spec.get("hostNetwork") and not spec.get("hostPID")
+        assert spec["automountServiceAccountToken"] is (autoscaling and name == "head"), name  # only the autoscaler calls the API
+        assert not spec.get("hostNetwork") and not spec.get("hostPID")
         assert not [v for v in spec["volumes"] if "hostPath" in v]
         for c in spec["containers"]:
             sc = c["securityContext"]
@@ -131,6 +136,12 @@ def test_every_pod_and_container_meets_the_restricted_profile(chart, path):
             assert c.get("livenessProbe") and c.get("readinessProbe"), (name, c["name"])
     sa = one(docs, "ServiceAccount")
     assert sa["automountServiceAccountToken"] is False
+    options = one(docs, "RayCluster")["spec"].get("autoscalerOptions")
+    if autoscaling:  # the container KubeRay adds to the head pod is held to the same profile, its scratch on /tmp
+        assert options["securityContext"] == restricted and options["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+        assert options["resources"]["limits"]["memory"]
+    else:
+        assert options is None
 
 
 def test_the_daemon_shares_tmp_with_the_head_and_is_probed_on_its_endpoints(chart):
@@ -222,6 +233,8 @@ def test_a_literal_secret_in_extra_env_is_refused(chart):
     ({"secrets": {"s3": {"name": "My_Secret"}}}, "at '/secrets/s3/name'"),
     ({"fullnameOverride": "a" * 41}, "at '/fullnameOverride'"),
     ({"tolerations": []}, "additional properties 'tolerations' not allowed"),
+    ({"autoscaling": {"upscalingMode": "Fast"}}, "at '/autoscaling/upscalingMode': value must be one of"),
+    ({"head": {"gcsFaultTolerance": {"redisAddress": "redis host:6379"}}}, "at '/head/gcsFaultTolerance/redisAddress'"),
     ({"config": {"ray": {"address": "ray://elsewhere:10001"}}}, "config.ray.address is set by the chart; remove it"),
     ({"config": {"serve": {"port": 9000}}}, "config.serve.port is set by the chart; remove it (ports: daemon.metricsPort and serving.port"),
 ])
@@ -261,3 +274,16 @@ def test_the_network_policy_admits_the_release_serving_and_scrapes_only(chart):
     assert "Egress" in policy["policyTypes"]
     egress_ports = [sorted(p["port"] for p in rule.get("ports", [])) for rule in policy["egress"]]
     assert egress_ports == [[], [53, 53], [9093]]  # the release, DNS, the brokers the values name
+
+
+def test_gcs_fault_tolerance_takes_redis_and_its_password_by_reference(chart):
+    docs = render(chart, values_of(CHART / "examples" / "autoscaling-ha.yaml"))
+    ft = one(docs, "RayCluster")["spec"]["gcsFaultToleranceOptions"]
+    assert ft == {"redisAddress": "redis://redis-master.redis.svc:6379",
+                  "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-everlearn", "key": "password"}}}}
+    assert "gcsFaultToleranceOptions" not in one(render(chart), "RayCluster")["spec"]
+    monitor = one(docs, "PodMonitor")
+    templates = pods(docs)
+    assert all(monitor["spec"]["selector"]["matchLabels"].items() <= t["metadata"]["labels"].items() for t in templates.values())
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    assert all(any(p["name"] == port for p in t["spec"]["containers"][0]["ports"]) for t in templates.values())  # every Ray container
