@@ -278,3 +278,16 @@ def test_dashboard_configmap_for_the_grafana_sidecar():
     rendered = names({"monitoring": {"dashboard": {"enabled": False}}})
     assert ("ConfigMap", "rel-everlearn-dashboard") not in rendered
     assert ("PrometheusRule", "rel-everlearn") in rendered
+
+
+def test_the_dashboards_5xx_line_is_the_alerts_threshold():
+    assert (CHART / "files" / "dashboard.json").read_text().count('"value": 0.05') == 1  # the one place the template replaces
+
+    def red_lines(values):
+        board = json.loads(one("ConfigMap", values, "rel-everlearn-dashboard")["data"]["everlearn.json"])
+        return [s["value"] for p in board["panels"] for s in p.get("fieldConfig", {}).get("defaults", {}).get("thresholds", {}).get("steps", [])
+                if s.get("color") == "red"]
+
+    assert 0.05 in red_lines({}) and 0.02 not in red_lines({})
+    stricter = red_lines({"monitoring": {"alerts": {"servingErrorRatio": 0.02}}})
+    assert 0.02 in stricter and 0.05 not in stricter
