@@ -30,21 +30,30 @@ _reaper = None  # the reaper of this process's local Ray; lives as long as the p
 HARD_EXIT_MARGIN_S = 15.0  # after the grace period: time to shut Ray and serving down
 
 
-def start_ray(cfg: Config, event: Callable[..., None] | None = None, stop: threading.Event | None = None) -> bool:
-    """Start (or join) Ray; True when this process started it and owns it."""
+def start_ray(cfg: Config, signals: "StopSignals | None" = None) -> bool:
+    """Start (or join) Ray; True when this process started it and owns it.
+
+    ``signals``: the daemon's stop handlers, installed already (a stop ends a wait for the cluster)
+    and installed again once Ray is up, because ``ray.init`` puts in a SIGTERM handler of its own.
+    """
     if ray.is_initialized():
         return False
     rc = cfg.ray
     if rc.address:
-        join_ray(rc.address, rc.connect_timeout_s, event or (lambda *a, **k: None), stop or threading.Event())
-        return False
-    global _reaper
-    _reaper = _reaper or reaper.start()
-    before = reaper.children(os.getpid())
-    ray.init(num_cpus=rc.num_cpus, object_store_memory=rc.object_store_memory_mb * 2**20,
-             include_dashboard=rc.include_dashboard, log_to_driver=False, configure_logging=False)
-    reaper.watch(_reaper, reaper.children(os.getpid()) - before - {_reaper.pid})  # the processes Ray started
-    return True
+        join_ray(rc.address, rc.connect_timeout_s, signals.event if signals else (lambda *a, **k: None),
+                 signals.stop if signals else threading.Event())
+        owned = False
+    else:
+        global _reaper
+        _reaper = _reaper or reaper.start()
+        before = reaper.children(os.getpid())
+        ray.init(num_cpus=rc.num_cpus, object_store_memory=rc.object_store_memory_mb * 2**20,
+                 include_dashboard=rc.include_dashboard, log_to_driver=False, configure_logging=False)
+        reaper.watch(_reaper, reaper.children(os.getpid()) - before - {_reaper.pid})  # the processes Ray started
+        owned = True
+    if signals is not None:
+        signals.install()
+    return owned
 
 
 def join_ray(address: str, timeout_s: float, event: Callable[..., None], stop: threading.Event) -> None:
@@ -85,6 +94,24 @@ def stop_ray() -> None:
             _reaper.kill()
             _reaper.wait(5)
         _reaper = None
+
+
+class LoopWatch:
+    """When the supervisor's loop last turned; ``problems`` is /livez's answer: empty while it turns (or has
+    not started: startup is the startup probe's business), a restart being the cure otherwise."""
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self.timeout_s, self.clock = timeout_s, clock
+        self.last: float | None = None
+
+    def tick(self) -> None:
+        self.last = self.clock()
+
+    def problems(self) -> list[str]:
+        stuck = None if self.last is None else self.clock() - self.last
+        if stuck is None or stuck <= self.timeout_s:
+            return []
+        return [f"the supervisor loop has not turned for {stuck:.0f} s (supervision.liveness_timeout_s={self.timeout_s:g})"]
 
 
 class StopSignals:

@@ -33,7 +33,7 @@ from everlearn.daemon.monitors import Monitors
 from everlearn.daemon.operator import Operator, read_paused
 from everlearn.daemon.progress import Progress
 from everlearn.daemon.runstate import RunState
-from everlearn.daemon.runtime import StopSignals, start_ray, stop_ray
+from everlearn.daemon.runtime import LoopWatch, StopSignals, start_ray, stop_ray
 from everlearn.daemon.status import JsonlLog, Quarantine, Rate, compose_status
 from everlearn.deploy import AuditLog
 from everlearn.deploy.judge import JudgeStage
@@ -55,7 +55,7 @@ class Daemon:
 
     def __init__(self, cfg: Config, registry=None, out=None, clock=time.monotonic, stop: threading.Event | None = None):
         self.cfg, self.clock = cfg, clock
-        self._tick: float | None = None  # when the loop last turned (/livez)
+        self.loop_watch = LoopWatch(cfg.supervision.liveness_timeout_s, clock)  # /livez
         self.stop_event = stop or threading.Event()
         self.metrics = Metrics(registry)
         self.progress = Progress(out, interval_s=cfg.log.interval_s)
@@ -94,12 +94,6 @@ class Daemon:
     def health(self) -> list[str]:
         return [p for p in (self.ingest.degraded, self.checkpoint_failing, self.lease.lost) if p]
 
-    def liveness(self) -> list[str]:
-        """Empty while the loop turns (or has not started); a restart is the cure otherwise (``/livez``)."""
-        limit, tick = self.cfg.supervision.liveness_timeout_s, self._tick
-        stuck = None if tick is None else self.clock() - tick
-        return [f"the supervisor loop has not turned for {stuck:.0f} s (supervision.liveness_timeout_s={limit:g})"] if stuck and stuck > limit else []
-
     # -- lifecycle -----------------------------------------------------------
     def run(self, max_steps: int | None = None) -> dict[str, Any]:
         """Run until stopped or ``max_steps`` more steps; returns the final status."""
@@ -108,8 +102,7 @@ class Daemon:
             seed_if_empty(self.cfg.source.url, self.cfg.demo, self.progress.event)
             signals = StopSignals(self.stop_event, self.cfg.supervision.stop_grace_s, self.progress.event)
             signals.install()  # a stop while waiting for a cluster that is not up yet ends the wait
-            self._ray_owned = start_ray(self.cfg, self.progress.event, self.stop_event)
-            signals.install()  # again: ray.init puts in a SIGTERM handler of its own
+            self._ray_owned = start_ray(self.cfg, signals)
             self._open()
             self._loop(max_steps)
             self._stop()
@@ -122,7 +115,7 @@ class Daemon:
         try:
             admin = admin_endpoint(cfg.admin, self.run_dir, self.admin, lambda action, code: self.metrics.admin_calls.labels(action, str(code)).inc())
             self.status_server = StatusServer(cfg.metrics.host, cfg.metrics.port, self.metrics.registry, self.status, self.health,
-                                             self.liveness, admin).start()
+                                             self.loop_watch.problems, admin).start()
         except OSError as e:
             raise ConfigError(f"cannot listen on metrics.host:metrics.port = {cfg.metrics.host}:{cfg.metrics.port} ({e}); "
                               "is another daemon running? Set metrics.port to a free port (0 picks one)") from e
@@ -190,7 +183,7 @@ class Daemon:
     def _loop(self, max_steps: int | None) -> None:
         taken = 0
         while not self.stop_event.is_set() and (max_steps is None or taken < max_steps):
-            self._tick = self.clock()
+            self.loop_watch.tick()
             if self.lease.lost:
                 raise EverlearnError(f"{self.lease.lost}; stopping so that two daemons never write one run")
             self.admin.run_pending(Operator(self))

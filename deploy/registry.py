@@ -30,11 +30,10 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from everlearn.deploy.serving_metrics import REPLICA_STATES, clean, empty, merge, newest
+from everlearn.deploy.serving_metrics import REPLICA_STATES, Retired, clean, empty, merge, newest
 
 SERVED = "SERVED.json"  # written by deploy/promote.py: the commit point of a promotion
 RECORD_KEYS = ("version", "uri", "name", "step", "manifest_sha256", "promoted_unix")  # the promoted record, as in SERVED.json
@@ -43,7 +42,6 @@ HEARTBEAT_S = 1.0  # a replica reports at least this often (its long-poll's time
 FRESH_S = 5.0  # a replica not heard from for this long is taken as gone (5 heartbeats: a GC pause is not a death)
 FORGET_S = 300.0  # reports older than this are dropped, so replicas that came and went do not pile up
 REREAD_S = 5.0  # without a record, SERVED.json is read again at most this often
-RETIRED_IDS = 1024  # forgotten replicas whose counters can still be taken back out if they report again (a late heartbeat)
 log = logging.getLogger(__name__)
 
 
@@ -78,8 +76,7 @@ class RegistryState:
         self.replicas: dict[str, dict[str, Any]] = {}
         self.deployed_sha: str | None = None
         self.clock = clock
-        self.retired = empty()  # the last counters of every replica forgotten: the totals stay monotonic
-        self.retired_ids: OrderedDict[str, Any] = OrderedDict()  # replica id -> what it added to ``retired``
+        self.retired = Retired()  # the last counters of every replica forgotten: the totals stay monotonic
 
     @property
     def token(self) -> str:
@@ -99,32 +96,19 @@ class RegistryState:
     def report(self, replica_id: str, state: dict[str, Any]) -> None:
         now = self.clock()
         state = {**state, "metrics": clean(state.get("metrics"))}  # only known labels and shapes are ever summed
-        retired = self._unretire(replica_id)
+        retired = self.retired.take(replica_id)
         if retired is not None:  # heard from after it was forgotten (a late heartbeat): counted once, never less than before
             state["metrics"] = newest(retired, state["metrics"])
         self.replicas[replica_id] = {**state, "replica_id": replica_id, "seen_unix": now}
         for rid in [r for r, s in self.replicas.items() if now - s["seen_unix"] > FORGET_S]:
-            self._retire(rid, self.replicas.pop(rid).get("metrics"))
+            self.retired.add(rid, self.replicas.pop(rid).get("metrics"))
 
     def forget(self, replica_id: str, last: dict[str, Any] | None = None) -> None:
         """Drop a replica; its counters (``last``: the final ones it sends as it stops) move to ``retired``."""
         state = self.replicas.pop(replica_id, None)
-        known = [m for m in (self._unretire(replica_id), (state or {}).get("metrics"), None if last is None else clean(last)) if isinstance(m, dict)]
+        known = [m for m in (self.retired.take(replica_id), (state or {}).get("metrics"), None if last is None else clean(last)) if isinstance(m, dict)]
         if known:  # snapshots of one replica's cumulative counters: the newest is the largest
-            self._retire(replica_id, functools.reduce(newest, known))
-
-    def _retire(self, replica_id: str, metrics: dict[str, Any]) -> None:
-        self.retired_ids[replica_id] = metrics
-        merge(self.retired, metrics)
-        while len(self.retired_ids) > RETIRED_IDS:  # its counters stay in ``retired``; only taking them back out is no longer possible
-            self.retired_ids.popitem(last=False)
-
-    def _unretire(self, replica_id: str) -> dict[str, Any] | None:
-        """Take a forgotten replica's counters back out of ``retired``; returns them (None: it was not retired)."""
-        metrics = self.retired_ids.pop(replica_id, None)
-        if metrics is not None:
-            merge(self.retired, metrics, sign=-1)
-        return metrics
+            self.retired.add(replica_id, functools.reduce(newest, known))
 
     def live(self) -> list[dict[str, Any]]:
         """The replicas heard from in the last FRESH_S, as they reported (without their counters: see ``metrics``)."""
@@ -134,7 +118,7 @@ class RegistryState:
 
     def metrics(self) -> dict[str, Any]:
         """Serving's counters summed over every replica known and retired, and gauges of the live replicas."""
-        counters = merge(empty(), self.retired)
+        counters = merge(empty(), self.retired.total)
         for replica in self.replicas.values():
             merge(counters, replica.get("metrics"))
         states = dict.fromkeys(REPLICA_STATES, 0)

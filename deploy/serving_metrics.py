@@ -18,6 +18,7 @@ No Ray here: the registry actor, the replica and the tests all import this.
 
 import math
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -71,6 +72,32 @@ def merge(total: dict[str, Any], part: dict[str, Any], sign: int = 1) -> dict[st
         else:
             total[key] = total.get(key, 0) + sign * value
     return total
+
+
+RETIRED_IDS = 1024  # forgotten replicas whose counters can still be taken back out if they report again (a late heartbeat)
+
+
+class Retired:
+    """The last counters of every replica the registry forgot, summed (``total``): the totals it exposes never go
+    down while it lives. The newest RETIRED_IDS are also kept by replica id, so a replica heard from again after it
+    was forgotten is taken back out (``take``) rather than counted twice."""
+
+    def __init__(self):
+        self.total = empty()
+        self.by_id: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def add(self, replica_id: str, metrics: dict[str, Any]) -> None:
+        self.by_id[replica_id] = metrics
+        merge(self.total, metrics)
+        while len(self.by_id) > RETIRED_IDS:  # its counters stay in ``total``; only taking them back out is no longer possible
+            self.by_id.popitem(last=False)
+
+    def take(self, replica_id: str) -> dict[str, Any] | None:
+        """Take a forgotten replica's counters back out of ``total``; returns them (None: it was not retired)."""
+        metrics = self.by_id.pop(replica_id, None)
+        if metrics is not None:
+            merge(self.total, metrics, sign=-1)
+        return metrics
 
 
 def clean(part: Any) -> dict[str, Any]:

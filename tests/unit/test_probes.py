@@ -3,14 +3,12 @@
 import json
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from everlearn.daemon.config import Config
 from everlearn.daemon.http import StatusServer
-from everlearn.daemon.service import Daemon
+from everlearn.daemon.runtime import LoopWatch
 
 pytestmark = pytest.mark.unit
 
@@ -40,10 +38,12 @@ def test_healthz_and_livez_answer_their_own_problems():
 
 def test_liveness_fails_only_when_the_loop_stopped_turning():
     now = [1000.0]
-    d = SimpleNamespace(cfg=Config.model_validate({"supervision": {"liveness_timeout_s": 60}}), clock=lambda: now[0], _tick=None)
-    assert Daemon.liveness(d) == []  # not started yet: startup is the startup probe's business
-    d._tick = 1000.0
+    watch = LoopWatch(60, clock=lambda: now[0])
+    assert watch.problems() == []  # not started yet: startup is the startup probe's business
+    watch.tick()
     now[0] = 1059.0
-    assert Daemon.liveness(d) == []
+    assert watch.problems() == []
     now[0] = 1061.0
-    assert Daemon.liveness(d) == ["the supervisor loop has not turned for 61 s (supervision.liveness_timeout_s=60)"]
+    assert watch.problems() == ["the supervisor loop has not turned for 61 s (supervision.liveness_timeout_s=60)"]
+    watch.tick()
+    assert watch.problems() == []

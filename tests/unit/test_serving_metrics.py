@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from everlearn.deploy import registry as registry_module
+from everlearn.deploy import serving_metrics
 from everlearn.deploy.registry import FORGET_S, FRESH_S, RegistryState
 from everlearn.deploy.serving_metrics import (
     LOAD_BUCKETS,
@@ -144,12 +144,12 @@ def test_the_registry_sums_replicas_and_its_counters_never_go_down():
 
 
 def test_retired_replicas_are_remembered_only_up_to_a_bound(monkeypatch):
-    monkeypatch.setattr(registry_module, "RETIRED_IDS", 3)
+    monkeypatch.setattr(serving_metrics, "RETIRED_IDS", 3)
     state = RegistryState()
     for i in range(10):
         state.report(f"r{i}", {"metrics": counted({("/score", 200): 1})})
         state.forget(f"r{i}")
-    assert len(state.retired_ids) == 3 and list(state.retired_ids) == ["r7", "r8", "r9"]
+    assert list(state.retired.by_id) == ["r7", "r8", "r9"]
     assert state.metrics()["counters"]["requests"] == {"/score": {"200": 10}}  # the counts of all ten stay
 
 
